@@ -1,0 +1,62 @@
+"""Exception hierarchy. Every error a user can cause has its own class and a one-line message.
+
+A batch run catches :class:`SlideError` (and subclasses) per slide, records ``type(err).__name__`` and
+``str(err)`` in ``manifest.csv`` and goes on with the next slide.
+"""
+
+from __future__ import annotations
+
+
+class GigapathError(Exception):
+    """Base class of every error raised on purpose by gigapath."""
+
+
+class ConfigError(GigapathError, ValueError):
+    """A config, preset or parameter is invalid. The message starts with the key path (``tiler.params.x``)."""
+
+    def __init__(self, key_path: str, message: str):
+        self.key_path = key_path
+        super().__init__(f"{key_path}: {message}" if key_path else message)
+
+
+class PluginNotFoundError(ConfigError, KeyError):
+    """No plugin or preset of that kind has that name. The message lists the valid choices."""
+
+    def __str__(self) -> str:  # KeyError would quote the message otherwise
+        return self.args[0]
+
+
+class PluginLoadError(GigapathError):
+    """A plugin package failed to import or registered a duplicate name (reported as a warning)."""
+
+
+class WeightsError(GigapathError):
+    """Weights could not be found, fetched, or did not match the model (missing/unexpected keys)."""
+
+
+class SlideError(GigapathError):
+    """Something is wrong with one slide; a batch run records it and continues with the others.
+
+    Attributes:
+        path: the slide file.
+    """
+
+    def __init__(self, path, message: str):
+        self.path = str(path)
+        super().__init__(f"{path}: {message}")
+
+
+class SlideOpenError(SlideError):
+    """No configured reader can open the file (not a slide, unsupported format or compression)."""
+
+
+class MissingMppError(SlideError):
+    """The slide has no usable microns-per-pixel metadata and no override was given."""
+
+
+class ImplausibleMppError(SlideError):
+    """The slide's mpp is outside the plausible range for tiling at the target mpp."""
+
+
+class SlideReadError(SlideError):
+    """Pixels could not be decoded (corrupt tile, truncated file)."""

@@ -1,0 +1,350 @@
+"""Abstract base classes of every plugin kind, with their contracts (shapes, dtypes, units).
+
+Every plugin class sets ``name`` (unique within its kind) and a pydantic ``Params`` model
+(``extra="forbid"``) describing its constructor keyword arguments; :func:`gigapath_core.build` validates
+parameters against ``Params`` and calls ``cls.from_params(params)``.
+
+Units (see :mod:`gigapath_core.units`): *level-0 px* are pixels of the slide's full-resolution level;
+*grid px* are pixels at the target resolution (0.5 µm/px by default), where tile ``(col, row)`` sits at
+``(col * tile_size, row * tile_size)``. The slide encoder takes grid px (SPEC §1).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class PluginParams(BaseModel):
+    """Base of every plugin's ``Params``: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Plugin:
+    """Mixin giving a plugin class its identity and parameter model."""
+
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[PluginParams]] = PluginParams
+
+    @classmethod
+    def from_params(cls, params: PluginParams) -> "Plugin":
+        """Construct from validated params (default: ``cls(**fields)``)."""
+        return cls(**{k: getattr(params, k) for k in type(params).model_fields})
+
+    @classmethod
+    def describe(cls) -> str:
+        doc = (cls.__doc__ or "").strip().splitlines()
+        return doc[0] if doc else ""
+
+
+# --------------------------------------------------------------------------------------- slide I/O
+class WSI(abc.ABC):
+    """An open whole-slide image. Returned by :meth:`SlideReader.open`; use as a context manager.
+
+    Attributes:
+        path: the file.
+        reader: name of the SlideReader plugin that opened it (recorded in the outputs).
+    """
+
+    path: str
+    reader: str
+
+    @property
+    @abc.abstractmethod
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        """(width, height) in pixels of each pyramid level, level 0 first."""
+
+    @property
+    @abc.abstractmethod
+    def level_downsamples(self) -> list[float]:
+        """Downsample factor of each level relative to level 0 (level 0 is 1.0)."""
+
+    @property
+    @abc.abstractmethod
+    def mpp(self) -> tuple[float, float] | None:
+        """(mpp_x, mpp_y) of level 0 in µm/px from the file's metadata, or None if absent."""
+
+    @abc.abstractmethod
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Read pixels.
+
+        Args:
+            location: (x, y) top-left corner in level-0 px.
+            level: pyramid level to read from.
+            size: (width, height) in pixels of ``level``.
+        Returns:
+            (height, width, 3) uint8 RGB; areas outside the slide are white.
+        Raises:
+            SlideReadError: the pixels cannot be decoded.
+        """
+
+    def thumbnail(self, max_size: int) -> np.ndarray:
+        """(h, w, 3) uint8 RGB image of the whole slide with long side <= ``max_size``.
+
+        Default: read the coarsest level whose long side is >= ``max_size`` and downsample it.
+        Readers with embedded thumbnails may override.
+        """
+        from PIL import Image
+
+        dims = self.level_dimensions
+        w0, h0 = dims[0]
+        level = 0
+        for i, (w, h) in enumerate(dims):
+            if max(w, h) >= max_size:
+                level = i
+        w, h = dims[level]
+        img = self.read_region((0, 0), level, (w, h))
+        scale = max_size / max(w0, h0)
+        tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+        if (tw, th) != (w, h):
+            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.LANCZOS))
+        return img
+
+    @property
+    def properties(self) -> dict[str, str]:
+        """Raw metadata (vendor properties), for the record."""
+        return {}
+
+    def close(self) -> None:
+        """Release file handles."""
+
+    def __enter__(self) -> "WSI":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SlideReader(Plugin, abc.ABC):
+    """Opens slide files of the formats it supports. Readers are tried in the configured order."""
+
+    kind: ClassVar[str] = "slide_reader"
+
+    @abc.abstractmethod
+    def open(self, path: str) -> WSI:
+        """Open ``path``.
+
+        Raises:
+            SlideOpenError: this reader cannot open the file (the message says why).
+        """
+
+
+# --------------------------------------------------------------------------------------- tiling
+@dataclass
+class TileGrid:
+    """The kept tiles of one slide, in row-major order (by grid row, then column).
+
+    Attributes:
+        coords: (N, 2) int64, level-0 px (x, y) of each tile's top-left corner.
+        grid_coords: (N, 2) int64, grid px (x, y) at ``target_mpp``; multiples of ``tile_size``.
+        occupancy: (N,) float32 in [0, 1], tissue fraction of each tile measured on the tissue mask.
+        tile_size: tile side in grid px (256).
+        target_mpp: µm/px of the tiles handed to the tile encoder (0.5).
+        source_mpp: µm/px of level 0 (x, y) used to compute the grid.
+        level: pyramid level the tiles are read from (the coarsest at or finer than target_mpp).
+        read_size: side in ``level`` px of the region read for one tile before resampling.
+        tissue_mask: (h, w) bool mask on the thumbnail; ``mask_downsample`` level-0 px per mask px.
+        thumbnail: (h, w, 3) uint8 RGB thumbnail the mask was computed on.
+        info: free-form facts (threshold, method...) recorded in tiles.h5 attrs.
+    """
+
+    coords: np.ndarray
+    grid_coords: np.ndarray
+    occupancy: np.ndarray
+    tile_size: int
+    target_mpp: float
+    source_mpp: tuple[float, float]
+    level: int
+    read_size: int
+    tissue_mask: np.ndarray
+    mask_downsample: float
+    thumbnail: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.coords.shape[0])
+
+
+class Tiler(Plugin, abc.ABC):
+    """Finds tissue and lays the tile grid (SPEC §1)."""
+
+    kind: ClassVar[str] = "tiler"
+
+    @abc.abstractmethod
+    def tile(self, wsi: WSI, mpp: tuple[float, float] | None = None) -> TileGrid:
+        """Compute the tile grid of ``wsi``.
+
+        Args:
+            mpp: override of the slide's level-0 (mpp_x, mpp_y); None uses the metadata.
+        Raises:
+            MissingMppError, ImplausibleMppError: no usable mpp.
+        """
+
+    def read_tile(self, wsi: WSI, location: tuple[int, int], level: int, read_size: int, tile_size: int) -> np.ndarray:
+        """Pixels of one tile: (tile_size, tile_size, 3) uint8 RGB at the grid's target mpp.
+
+        Args:
+            location: (x, y) level-0 px of the tile's top-left corner (``TileGrid.coords[i]``).
+            level, read_size: ``TileGrid.level`` and ``TileGrid.read_size``.
+        Reads ``read_size`` px at ``level`` and resamples with an antialiasing (Lanczos) filter.
+        Raises SlideReadError if the pixels cannot be decoded.
+        """
+        from PIL import Image
+
+        img = wsi.read_region((int(location[0]), int(location[1])), level, (read_size, read_size))
+        if read_size != tile_size:
+            img = np.asarray(Image.fromarray(img).resize((tile_size, tile_size), Image.Resampling.LANCZOS))
+        return img
+
+
+# --------------------------------------------------------------------------------------- models
+class TileEncoder(Plugin, nn.Module, abc.ABC):
+    """Tile pixels -> tile embedding.
+
+    Attributes:
+        embed_dim: D, the output width.
+        weights_source: where the weights came from (``"random"`` if not pretrained).
+    """
+
+    kind: ClassVar[str] = "tile_encoder"
+    embed_dim: int
+    weights_source: str = "random"
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+
+    @abc.abstractmethod
+    def transform(self, tile: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB tile -> (3, h, w) float32 model input (resize, crop, normalise)."""
+
+    @abc.abstractmethod
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) float32 -> (B, D) float32 tile embeddings."""
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        """Load a state dict strictly; override to remap a published checkpoint layout.
+
+        Raises:
+            WeightsError: missing or unexpected keys (listed by name) or shape mismatches.
+        """
+        from .weights import load_state_dict_strict
+
+        load_state_dict_strict(self, state_dict, source)
+        self.weights_source = source
+
+
+class SlideEncoder(Plugin, nn.Module, abc.ABC):
+    """Tile embeddings + positions -> slide embedding (slide aggregator).
+
+    Attributes:
+        in_dim: Din, width of the tile embeddings it takes.
+        embed_dim: D, width of the slide embedding.
+    """
+
+    kind: ClassVar[str] = "slide_encoder"
+    in_dim: int
+    embed_dim: int
+    weights_source: str = "random"
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        tile_embeds: torch.Tensor,
+        coords: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        return_tile_tokens: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Encode slides.
+
+        Args:
+            tile_embeds: (B, N, Din) float tile embeddings, in tile (row-major) order.
+            coords: (B, N, 2) grid px (x, y) at 0.5 µm/px — see :mod:`gigapath_core.units`.
+            padding_mask: (B, N) bool, True where a position is padding (batched slides of different N).
+            return_tile_tokens: also return contextual tile embeddings (B, N, D).
+        Returns:
+            (B, D) slide embeddings, or ((B, D), (B, N, D)) with ``return_tile_tokens``.
+        """
+
+    load_weights = TileEncoder.load_weights
+
+
+class TaskHead(Plugin, nn.Module, abc.ABC):
+    """Slide-level prediction from tile tokens and/or a slide embedding (SPEC §4)."""
+
+    kind: ClassVar[str] = "task_head"
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        tile_tokens: torch.Tensor | None,
+        padding_mask: torch.Tensor | None = None,
+        slide_embed: torch.Tensor | None = None,
+        tile_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tile_tokens (B, N, D), slide_embed (B, D), tile_features (B, N, Din) -> logits (B, C) float32."""
+
+
+class SSLObjective(Plugin, nn.Module, abc.ABC):
+    """A self-supervised or contrastive training objective: model parts + loss (SPEC §2, §3, §5)."""
+
+    kind: ClassVar[str] = "ssl_objective"
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+
+    @abc.abstractmethod
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Compute the loss on one batch. Returns a dict with at least ``"loss"`` (scalar tensor)."""
+
+
+class TextEncoder(Plugin, nn.Module, abc.ABC):
+    """Text tower for slide-report alignment (SPEC §5). ``embed_dim`` is its output width."""
+
+    kind: ClassVar[str] = "text_encoder"
+    embed_dim: int
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+
+    @abc.abstractmethod
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        """List of B strings -> (B, D) float32 text embeddings."""
+
+
+class ReportCleaner(Plugin, abc.ABC):
+    """Removes identifying and non-diagnostic text from a pathology report before CLIP (SPEC §5)."""
+
+    kind: ClassVar[str] = "report_cleaner"
+
+    @abc.abstractmethod
+    def clean(self, report: str) -> str:
+        """Raw report -> cleaned diagnostic text."""
+
+
+#: kind -> base class; plugins registered for a kind must subclass it.
+BASES: dict[str, type] = {
+    "slide_reader": SlideReader,
+    "tiler": Tiler,
+    "tile_encoder": TileEncoder,
+    "slide_encoder": SlideEncoder,
+    "task_head": TaskHead,
+    "ssl_objective": SSLObjective,
+    "text_encoder": TextEncoder,
+    "report_cleaner": ReportCleaner,
+}
+
+Transform = Callable[[np.ndarray], torch.Tensor]

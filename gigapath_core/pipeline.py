@@ -1,0 +1,203 @@
+"""The per-slide unit of work, ``process_slide(config, slide) -> manifest row``, and the ``embed`` job.
+
+``process_slide`` depends only on its arguments (models are cached per process, keyed by the config), so an
+executor can map it over slides anywhere. Each stage's output carries a fingerprint of the config that made
+it: a re-run reuses a stage output only if the fingerprint matches, and skips a slide whose ``status.json``
+says ``ok`` for the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .config import PipelineConfig, SlideInput
+from .errors import ConfigError, GigapathError, SlideError
+from .store import read_h5, read_status, write_status
+from .stages.slide_embedding import SLIDE_FILE, run_slide_embedding
+from .stages.tile_embedding import EMBEDDINGS_FILE, TileDataset, embed_tiles, write_tile_embeddings
+from .stages.tiling import TILES_FILE, open_slide, run_tiling
+
+log = logging.getLogger("gigapath")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available, else cpu. Raises ConfigError if CUDA is asked for but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", f"{name!r} requested but torch sees no CUDA device (use device: cpu or auto)")
+    return dev
+
+
+@dataclass
+class Models:
+    tiler: Any
+    tile_encoder: Any
+    slide_encoder: Any
+    device: torch.device
+
+
+_MODELS: dict[str, Models] = {}
+
+
+def _stage_dump(stage) -> dict | None:
+    return None if stage is None else stage.model_dump()
+
+
+def fingerprints(cfg: PipelineConfig, slide: SlideInput) -> dict[str, str]:
+    """Cumulative config fingerprints of the tiling, tile-embedding and slide-embedding stages."""
+    parts = {"tiling": [cfg.tiler.model_dump(), slide.mpp, cfg.readers],
+             "tile_encoder": [_stage_dump(cfg.tile_encoder)], "slide_encoder": [_stage_dump(cfg.slide_encoder)]}
+    out, acc = {}, []
+    for k, v in parts.items():
+        acc.append(v)
+        out[k] = hashlib.sha1(json.dumps(acc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return out
+
+
+def get_models(cfg: PipelineConfig) -> Models:
+    """Build (once per process) the tiler and models named by ``cfg``.
+
+    Raises ConfigError if the tile encoder's width does not match the slide encoder's input width.
+    """
+    from .api import build
+
+    key = json.dumps([cfg.tiler.model_dump(), _stage_dump(cfg.tile_encoder), _stage_dump(cfg.slide_encoder),
+                      cfg.device, cfg.registry], sort_keys=True, default=str)
+    if key not in _MODELS:
+        device = resolve_device(cfg.device)
+        tiler = build("tiler", cfg.tiler.name, registry=cfg.registry, **cfg.tiler.params)
+        te = se = None
+        if cfg.tile_encoder:
+            te = build("tile_encoder", cfg.tile_encoder.name, weights=cfg.tile_encoder.weights,
+                       registry=cfg.registry, **cfg.tile_encoder.params).to(device)
+        if cfg.slide_encoder:
+            se = build("slide_encoder", cfg.slide_encoder.name, weights=cfg.slide_encoder.weights,
+                       registry=cfg.registry, **cfg.slide_encoder.params).to(device)
+            if te is not None and te.embed_dim != se.in_dim:
+                raise ConfigError("slide_encoder.params",
+                                  f"the tile encoder gives {te.embed_dim}-d embeddings but the slide encoder "
+                                  f"{cfg.slide_encoder.name!r} takes {se.in_dim}-d (set its in_chans to {te.embed_dim})")
+        _MODELS.clear()  # one config per process at a time; free the previous models
+        _MODELS[key] = Models(tiler, te, se, device)
+    return _MODELS[key]
+
+
+def _stage_ok(path: Path, fingerprint: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return read_h5(path)[1].get("fingerprint") == fingerprint
+    except Exception:
+        return False
+
+
+def process_slide(cfg: PipelineConfig, slide: SlideInput, on_tiles: Callable[[int, int], None] | None = None) -> dict:
+    """Run every configured stage on one slide; never raises for a problem with the slide itself.
+
+    Args:
+        on_tiles: progress callback ``(done, total)`` during tile embedding.
+    Returns:
+        The manifest row (see :data:`gigapath_core.store.MANIFEST_FIELDS`); ``status`` is ``ok``,
+        ``failed`` (with ``reason`` and ``error_type``) or ``skipped`` (done by an earlier run).
+    Raises:
+        ConfigError: a problem with the config (affects every slide).
+    """
+    t_start = time.perf_counter()
+    slide_dir = Path(cfg.output) / slide.slide_id
+    fp = fingerprints(cfg, slide)
+    previous = read_status(slide_dir)
+    final_fp = fp["slide_encoder"]
+    if previous and previous.get("status") == "ok" and previous.get("fingerprint") == final_fp:
+        return {**previous, "status": "skipped", "reason": "done by an earlier run"}
+    row: dict[str, Any] = {"slide_id": slide.slide_id, "slide_path": slide.path, "status": "failed", "reason": "",
+                           "error_type": "", "n_tiles": "", "reader": "", "weights": "", "fingerprint": final_fp}
+    models = get_models(cfg)
+    mpp = (slide.mpp, slide.mpp) if slide.mpp else None
+    common = {"slide_id": slide.slide_id, "slide_path": slide.path, "gigapath_version": __version__}
+    try:
+        t0 = time.perf_counter()
+        with open_slide(slide.path, cfg.readers) as wsi:
+            row["reader"] = wsi.reader
+            if _stage_ok(slide_dir / TILES_FILE, fp["tiling"]):
+                tiles, tattrs = read_h5(slide_dir / TILES_FILE)
+            else:
+                run_tiling(models.tiler, wsi, slide_dir, mpp, {**common, "fingerprint": fp["tiling"]})
+                tiles, tattrs = read_h5(slide_dir / TILES_FILE)
+        n = len(tiles["coords"])
+        row["n_tiles"] = n
+        row["seconds_tiling"] = round(time.perf_counter() - t0, 3)
+        if n == 0:
+            row["reason"] = "zero tiles: no tile reaches the tissue occupancy threshold (or slide smaller than one tile)"
+        te = models.tile_encoder
+        if te is not None:
+            t0 = time.perf_counter()
+            row["weights"] = f"tile_encoder={te.weights_source}"
+            if not _stage_ok(slide_dir / EMBEDDINGS_FILE, fp["tile_encoder"]):
+                ds = TileDataset(slide.path, row["reader"], models.tiler, tiles["coords"], int(tattrs["level"]),
+                                 int(tattrs["read_size"]), int(tattrs["tile_size"]), te.transform)
+                done = [0]
+
+                def tick(k: int) -> None:
+                    done[0] += k
+                    if on_tiles:
+                        on_tiles(done[0], n)
+
+                feats = embed_tiles(te, ds, batch_size=cfg.tile_encoder.batch_size,
+                                    num_workers=cfg.tile_encoder.num_workers if n > cfg.tile_encoder.batch_size else 0,
+                                    device=models.device, precision=cfg.tile_encoder.precision, on_batch=tick)
+                if cfg.save_tile_png:
+                    _save_tile_pngs(ds, slide_dir / "tiles", tiles["grid_coords"])
+                write_tile_embeddings(slide_dir / EMBEDDINGS_FILE, feats, tiles["grid_coords"], tiles["coords"],
+                                      {**common, "fingerprint": fp["tile_encoder"], "tile_encoder": cfg.tile_encoder.name,
+                                       "weights_source": te.weights_source, "embed_dim": int(te.embed_dim),
+                                       "coords_unit": f"grid px at {float(tattrs['target_mpp'])} um/px",
+                                       "coords_level0_unit": "level-0 px", "reader": row["reader"]})
+            row["seconds_tile_encoder"] = round(time.perf_counter() - t0, 3)
+        se = models.slide_encoder
+        if se is not None and n > 0:
+            t0 = time.perf_counter()
+            row["weights"] += f"; slide_encoder={se.weights_source}"
+            run_slide_embedding(se, slide_dir, EMBEDDINGS_FILE,
+                                {**common, "fingerprint": fp["slide_encoder"], "slide_encoder": cfg.slide_encoder.name,
+                                 "weights_source": se.weights_source, "embed_dim": int(se.embed_dim)},
+                                device=models.device, precision=cfg.slide_encoder.precision)
+            row["seconds_slide_encoder"] = round(time.perf_counter() - t0, 3)
+        row["status"] = "ok"
+    except ConfigError:
+        raise
+    except GigapathError as err:
+        row.update(reason=str(err), error_type=type(err).__name__)
+    except Exception as err:  # an unexpected failure fails this slide only; keep the traceback in the log
+        log.debug("slide %s failed:\n%s", slide.slide_id, traceback.format_exc())
+        row.update(reason=f"{slide.path}: unexpected {type(err).__name__}: {err}", error_type=type(err).__name__)
+    row["seconds_total"] = round(time.perf_counter() - t_start, 3)
+    write_status(slide_dir, row)
+    return row
+
+
+def _save_tile_pngs(ds: TileDataset, folder: Path, grid_coords: np.ndarray) -> None:
+    from .store import write_png
+
+    for i in range(len(ds)):
+        x, y = grid_coords[i]
+        write_png(folder / f"{x}x_{y}y.png", ds.read(i))
+
+
+def is_slide_error(row: dict) -> bool:
+    return row.get("status") == "failed"
+
+
+__all__ = ["process_slide", "get_models", "resolve_device", "fingerprints", "SlideError"]

@@ -1,0 +1,1 @@
+"""Pipeline stages; each reads and writes through gigapath_core.store."""

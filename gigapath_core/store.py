@@ -1,0 +1,155 @@
+"""Output contract: atomic writers for h5/PNG/JSON, per-slide status markers, and ``manifest.csv``.
+
+Layout of a run's output folder::
+
+    OUT/manifest.csv                 one row per slide (rebuilt from markers, never half-written)
+    OUT/<slide_id>/tiles.h5          coords (N,2) int64 level-0 px; grid_coords (N,2) int64 0.5-µm px; occupancy
+    OUT/<slide_id>/tile_embeddings.h5 features (N,D) float32; coords (N,2) (grid px); coords_level0 (N,2)
+    OUT/<slide_id>/slide_embedding.h5 embedding (D,) float32 (or (L,D) for all layers)
+    OUT/<slide_id>/thumbnail.png     tissue mask outline + kept tiles
+    OUT/<slide_id>/tissue.geojson    tissue contours in level-0 px (opens in QuPath)
+    OUT/<slide_id>/status.json       marker written last: {"status": "ok"|"failed", ...}
+
+Every file is written to a temporary name in the same folder, then renamed (``os.replace``), so a crash
+never leaves a partial file under a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+STATUS_FILE = "status.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+MANIFEST_FIELDS = ["slide_id", "slide_path", "status", "reason", "error_type", "n_tiles", "reader",
+                   "weights", "seconds_tiling", "seconds_tile_encoder", "seconds_slide_encoder", "seconds_total"]
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``final``; on success rename it to ``final``, on error delete it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".gigapath-tmp-{final.name}.", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def _attr(v: Any) -> Any:
+    if v is None:
+        return "none"
+    if isinstance(v, (dict, list, tuple)) and not (isinstance(v, tuple) and all(isinstance(x, (int, float)) for x in v)):
+        return json.dumps(v, default=_json_default)
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def write_h5(path: str | Path, datasets: dict[str, np.ndarray], attrs: dict[str, Any] | None = None) -> None:
+    """Write datasets and file attributes to an HDF5 file atomically. ``None`` attrs are stored as "none"."""
+    import h5py
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for name, arr in datasets.items():
+                f.create_dataset(name, data=np.asarray(arr))
+            for k, v in (attrs or {}).items():
+                f.attrs[k] = _attr(v)
+
+
+def read_h5(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read every dataset and attribute of an HDF5 file into memory."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        data = {k: f[k][()] for k in f.keys()}
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    return data, attrs
+
+
+def write_png(path: str | Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    write_bytes(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------ markers, manifest
+def read_status(slide_dir: str | Path) -> dict[str, Any] | None:
+    p = Path(slide_dir) / STATUS_FILE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_done(slide_dir: str | Path) -> bool:
+    s = read_status(slide_dir)
+    return bool(s and s.get("status") == "ok")
+
+
+def write_status(slide_dir: str | Path, row: dict[str, Any]) -> None:
+    write_json(Path(slide_dir) / STATUS_FILE, row)
+
+
+def rebuild_manifest(out_dir: str | Path, slide_ids: list[str] | None = None,
+                     overlay: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Rebuild ``OUT/manifest.csv`` from the per-slide markers; return the rows.
+
+    Args:
+        slide_ids: the slides of this run, in input order; ``None`` takes every slide folder with a marker.
+        overlay: rows that replace the marker's (e.g. ``status: skipped`` for slides done by an earlier run).
+    """
+    overlay = overlay or {}
+    out_dir = Path(out_dir)
+    if slide_ids is None:
+        slide_ids = sorted(p.parent.name for p in out_dir.glob(f"*/{STATUS_FILE}"))
+    rows = []
+    for sid in slide_ids:
+        s = overlay.get(sid) or read_status(out_dir / sid) or {"slide_id": sid, "status": "pending",
+                                                               "reason": "not processed yet"}
+        rows.append({k: s.get(k, "") for k in MANIFEST_FIELDS})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_bytes(out_dir / "manifest.csv", buf.getvalue().encode())
+    return rows

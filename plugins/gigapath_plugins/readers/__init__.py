@@ -1,0 +1,1 @@
+"""Slide readers (slide_reader hook)."""

@@ -1,0 +1,1 @@
+"""Slide encoders / aggregators (slide_encoder hook)."""

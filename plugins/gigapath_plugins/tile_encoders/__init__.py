@@ -1,0 +1,1 @@
+"""Tile encoders (tile_encoder hook)."""

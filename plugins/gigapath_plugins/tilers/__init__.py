@@ -1,0 +1,1 @@
+"""Tilers (tiler hook)."""
