@@ -20,6 +20,8 @@ from .hookspecs import KIND_HOOKS, PROJECT, GigapathSpecs
 from .kinds import BASES
 
 ENTRY_POINT_GROUP = "gigapath"
+#: the distribution shipped with gigapath; loaded first, so its names win over a clashing third-party plugin
+BUNDLED_DISTRIBUTION = "gigapath-plugins"
 
 
 class PluginWarning(UserWarning):
@@ -46,7 +48,11 @@ class PluginInfo:
 
 
 def _entry_points() -> list[md.EntryPoint]:
-    return sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (ep.dist.name if ep.dist else "", ep.name))
+    def key(ep: md.EntryPoint) -> tuple:
+        dist = ep.dist.name if ep.dist else ""
+        return (dist != BUNDLED_DISTRIBUTION, dist, ep.name)
+
+    return sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=key)
 
 
 class PluginManager:
@@ -57,6 +63,7 @@ class PluginManager:
         self.pm.add_hookspecs(GigapathSpecs)
         self.plugins: dict[str, dict[str, PluginInfo]] = {k: {} for k in KIND_HOOKS}
         self._sources: dict[int, str] = {}  # id(module) -> distribution name
+        self._order: dict[int, int] = {}  # id(module) -> registration order
         for ep in _entry_points():
             package = ep.dist.name if ep.dist else "?"
             try:
@@ -71,15 +78,17 @@ class PluginManager:
                 )
                 continue
             self._sources[id(module)] = package
+            self._order[id(module)] = len(self._order)
         for module in extra_modules:
             self.pm.register(module)
             self._sources[id(module)] = getattr(module, "__name__", "?")
+            self._order[id(module)] = len(self._order)
         self._index()
 
     def _index(self) -> None:
         for kind, hook_name in KIND_HOOKS.items():
             hook = getattr(self.pm.hook, hook_name)
-            for impl in hook.get_hookimpls():
+            for impl in sorted(hook.get_hookimpls(), key=lambda i: self._order.get(id(i.plugin), 1 << 30)):
                 package = self._sources.get(id(impl.plugin), impl.plugin_name)
                 try:
                     classes = impl.function() or []

@@ -1,0 +1,93 @@
+"""Strict config validation: one-line errors with the key path, before any work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import gigapath_core as gp
+from gigapath_core.config import apply_overrides
+from gigapath_core.errors import ConfigError
+
+
+def _config(slide: Path, **extra) -> dict:
+    cfg = {"inputs": {"slides": [str(slide)]}, "readers": ["openslide"],
+           "tile_encoder": {"name": "dinov2-vits14", "weights": "random"}}
+    cfg.update(extra)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c.update(tilr={"name": "otsu"}), r"^tilr: unknown key$"),
+        (lambda c: c["tile_encoder"].update(nme="x"), r"^tile_encoder\.nme: unknown key$"),
+        (lambda c: c["tile_encoder"].update(name="vit-huge-typo"),
+         r"^tile_encoder\.name: unknown plugin or preset 'vit-huge-typo'; valid choices: .*dinov2-vits14"),
+        (lambda c: c["tile_encoder"].update(batch_size="many"),
+         r"^tile_encoder\.batch_size: Input should be a valid integer.*'many'"),
+        (lambda c: c["tile_encoder"].update(params={"img_size": "big"}),
+         r"^tile_encoder\.params\.img_size: Input should be a valid integer"),
+        (lambda c: c.update(device="gpu0"), r"^device: Value error, expected auto, cpu, cuda"),
+        (lambda c: c["inputs"].update(slides=["/nonexistent/slide.svs"]),
+         r"^inputs\.slides\[0\]: slide not found: /nonexistent/slide\.svs$"),
+        (lambda c: c["inputs"].update(slides=["/nonexistent/*.svs"]), r"^inputs\.slides\[0\]: no file matches"),
+        (lambda c: c.update(readers=["openslide", "bioformats"]),
+         r"^readers\[1\]: unknown slide reader 'bioformats'; valid choices: .*openslide"),
+        (lambda c: c.update(slide_encoder={"name": "mean"}, tile_encoder=None),
+         r"^slide_encoder: needs a tile_encoder stage$"),
+    ],
+)
+def test_bad_configs_fail_before_work_with_key_path(mutate, message, example_slide, tmp_path):
+    cfg = _config(example_slide)
+    mutate(cfg)
+    with pytest.raises(ConfigError, match=message):
+        gp.run(cfg, out=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_missing_output_folder(example_slide):
+    with pytest.raises(ConfigError, match=r"^output: no output folder"):
+        gp.run(_config(example_slide))
+
+
+def test_dimension_mismatch_between_encoders_is_a_config_error(example_slide, tmp_path):
+    cfg = _config(example_slide, slide_encoder={"name": "mean", "params": {"in_dim": 1536}})
+    with pytest.raises(ConfigError, match=r"^slide_encoder\.params: the tile encoder gives 384-d .* takes 1536-d"):
+        gp.run(cfg, out=str(tmp_path))
+
+
+def test_set_overrides_parse_yaml_values():
+    raw = apply_overrides({"tile_encoder": {"name": "x"}}, ["tile_encoder.batch_size=8", "readers=[openslide]",
+                                                            "inputs.mpp=0.25", "slide_encoder=null"])
+    assert raw == {"tile_encoder": {"name": "x", "batch_size": 8}, "readers": ["openslide"], "inputs": {"mpp": 0.25},
+                   "slide_encoder": None}
+    with pytest.raises(ConfigError, match=r"^--set: expected key.path=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_cli_prints_one_line_error_and_exits_2(example_slide, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_config(example_slide, tiler={"name": "otsu", "params": {"tile_size": "x"}})))
+    proc = subprocess.run([sys.executable, "-m", "gigapath_core.cli", "run", str(path), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "gigapath: error: tiler.params.tile_size: Input should be a valid integer, unable to parse string as an integer"
+    ]
+
+
+def test_relative_paths_resolve_against_the_config_file(example_slide, tmp_path):
+    (tmp_path / "cfg").mkdir()
+    link = tmp_path / "cfg" / "slides"
+    link.mkdir()
+    (link / "a.svs").symlink_to(example_slide)
+    path = tmp_path / "cfg" / "c.yaml"
+    path.write_text(yaml.safe_dump({**_config(example_slide), "inputs": {"slides": ["slides/*.svs"]}, "output": "out",
+                                    "tile_encoder": None}))
+    assert gp.run(path) == 0
+    assert (tmp_path / "cfg" / "out" / "a" / "tiles.h5").is_file()
