@@ -1,0 +1,73 @@
+"""CLI: presets, doctor, user registry files, weights sources."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gigapath_core as gp
+from gigapath_core.errors import ConfigError, WeightsError
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "gigapath_core.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+def test_presets_json_are_model_cards():
+    rows = {r["name"]: r for r in json.loads(_cli("presets", "--json").stdout)}
+    card = rows["prov-gigapath"]
+    assert card["components"]["tile_encoder"]["embed_dim"] == 1536  # SPEC §2
+    assert "Nature" in card["citation"] and card["licence"]
+    assert rows["dinov2-vits14"]["components"]["tile_encoder"]["embed_dim"] == 384
+
+
+def test_user_registry_file_adds_a_preset(tmp_path):
+    reg = tmp_path / "my_registry.yaml"
+    reg.write_text("presets:\n  tiny-vit:\n    licence: MIT\n    tile_encoder:\n      plugin: dinov2_vit\n"
+                   "      params: {model_kwargs: {depth: 1, embed_dim: 192, num_heads: 3}}\n      embed_dim: 192\n")
+    proc = _cli("presets", "--json", env={"GIGAPATH_REGISTRY": str(reg)})
+    assert "tiny-vit" in {r["name"] for r in json.loads(proc.stdout)}
+    enc = gp.build("tile_encoder", "tiny-vit", registry=[reg])
+    assert enc.embed_dim == 192 and enc.weights_source == "random"
+
+
+def test_bad_registry_file_names_the_key(tmp_path):
+    reg = tmp_path / "bad.yaml"
+    reg.write_text("presets:\n  x:\n    tile_encoder: {plugin: dinov2_vit, weigths: []}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:presets\.x\.tile_encoder\.weigths: Extra inputs"):
+        gp.build("tile_encoder", "x", registry=[reg])
+
+
+def test_doctor_reports_readers_device_and_offline_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    enc = gp.build("tile_encoder", "dinov2-vits14", weights="random")
+    (tmp_path / "dinov2-vits14").mkdir()
+    save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()},
+              str(tmp_path / "dinov2-vits14" / "model.safetensors"))
+    info = json.loads(_cli("doctor", "--json", env={"GIGAPATH_WEIGHTS": str(tmp_path)}).stdout)
+    assert info["slide_readers"]["openslide"] == "gigapath-plugins"
+    assert info["torch"]["cuda_available"] == torch.cuda.is_available()
+    assert info["weights"]["dinov2-vits14/tile_encoder"].startswith("local (")
+    assert info["weights"]["prov-gigapath/tile_encoder"] == "not available offline"
+    # and the preset now loads those weights from the local file by default
+    os.environ["GIGAPATH_WEIGHTS"] = str(tmp_path)
+    try:
+        loaded = gp.build("tile_encoder", "dinov2-vits14")
+    finally:
+        del os.environ["GIGAPATH_WEIGHTS"]
+    assert loaded.weights_source.endswith("dinov2-vits14/model.safetensors")
+    torch.testing.assert_close(loaded.model.pos_embed, enc.model.pos_embed)
+
+
+def test_offline_hub_source_says_how_to_get_the_file(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match=r"prov-gigapath/prov-gigapath.*HF_TOKEN.*weights: /path/to/pytorch_model\.bin"):
+        gp.build("tile_encoder", "dinov2_vit", weights="hf_hub:prov-gigapath/prov-gigapath/pytorch_model.bin",
+                 model_kwargs={"depth": 1})
