@@ -50,3 +50,80 @@ def best_level_for_mpp(level_downsamples: list[float], source_mpp: float, target
         if source_mpp * ds <= target_mpp * 1.01:
             best = level if level_downsamples[level] >= level_downsamples[best] else best
     return best
+
+
+# ------------------------------------------------------------------------------- mpp from metadata
+#: micrometres per unit of the length units used by OME-XML (``PhysicalSizeXUnit``) and TIFF files
+LENGTH_UNITS_UM: dict[str, float] = {
+    "pm": 1e-6, "Å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
+    "mm": 1e3, "cm": 1e4, "dm": 1e5, "m": 1e6, "in": 25400.0, "inch": 25400.0,
+}
+
+
+def length_to_um(value: float, unit: str | None = "µm") -> float:
+    """A physical length in ``unit`` -> micrometres. ``unit`` None or "" means µm (the OME-XML default).
+
+    Raises:
+        ValueError: unknown unit (e.g. "reference frame", OME's unit for unknown physical size).
+    """
+    unit = (unit or "µm").strip()
+    if unit not in LENGTH_UNITS_UM:
+        raise ValueError(f"unknown length unit {unit!r}")
+    return float(value) * LENGTH_UNITS_UM[unit]
+
+
+def tiff_resolution_to_mpp(resolution: float, unit: int | str | None) -> float | None:
+    """TIFF ``XResolution``/``YResolution`` (pixels per ``ResolutionUnit``) -> µm/px, or None when unusable.
+
+    ``unit`` is the TIFF ``ResolutionUnit`` code (2 = inch, 3 = centimetre; 1 = no absolute unit, the
+    TIFF 6.0 default when the tag is absent is 2) or its name ("inch", "centimeter", "cm", "in"). A resolution
+    of 0, 1 (the writer's "unknown" placeholder) or a missing/dimensionless unit gives None, never a guess.
+    """
+    names = {"2": 25400.0, "inch": 25400.0, "in": 25400.0, "3": 1e4, "centimeter": 1e4, "centimetre": 1e4, "cm": 1e4}
+    if unit is None or resolution is None:
+        return None
+    key = str(int(unit)) if isinstance(unit, (int, float)) or str(unit).isdigit() else str(unit).strip().lower()
+    key = key.rsplit(".", 1)[-1]  # RESUNIT.CENTIMETER -> centimeter
+    um_per_unit = names.get(key)
+    resolution = float(resolution)
+    if um_per_unit is None or not np.isfinite(resolution) or resolution <= 1.0:
+        return None
+    return um_per_unit / resolution
+
+
+def check_mpp(path: str, mpp: tuple[float, float] | None, *, mpp_range: tuple[float, float] = MPP_RANGE,
+              target_mpp: float = TARGET_MPP, override: bool = False) -> tuple[float, float]:
+    """Validate a slide's level-0 mpp before tiling (issue #3 item 2; SPEC §1).
+
+    Args:
+        path: the slide (named in the error).
+        mpp: (mpp_x, mpp_y) µm/px from the metadata or the user's override; None if neither has one.
+        override: ``mpp`` came from the user (config ``inputs.mpp`` / CSV ``slide_mpp``), for the message.
+    Returns:
+        (mpp_x, mpp_y) as floats.
+    Raises:
+        MissingMppError: ``mpp`` is None; the message says how to supply it.
+        ImplausibleMppError: a value is outside ``mpp_range`` (a slide much coarser than the target would
+            need upsampling: e.g. 16.78 µm/px needs 33x; a value below the range is a unit mix-up).
+    """
+    from .errors import ImplausibleMppError, MissingMppError
+
+    if mpp is None:
+        raise MissingMppError(
+            path,
+            "no microns-per-pixel (mpp) in the slide metadata and no override given; supply it with "
+            "inputs.mpp in the config, a slide_mpp column in the manifest CSV, or --set inputs.mpp=0.25",
+        )
+    mx, my = float(mpp[0]), float(mpp[1])
+    lo, hi = mpp_range
+    if not (np.isfinite(mx) and np.isfinite(my) and lo <= mx <= hi and lo <= my <= hi):
+        where = "the override (inputs.mpp / slide_mpp)" if override else "the slide metadata"
+        coarse = max(mx, my) > hi
+        why = (f"it would need {max(mx, my) / target_mpp:.1f}x upsampling to reach {target_mpp} µm/px"
+               if coarse and np.isfinite(max(mx, my)) else "it is below any scanner's resolution (unit mix-up?)")
+        raise ImplausibleMppError(
+            path,
+            f"mpp {mx:.4g} x {my:.4g} µm/px from {where} is outside the plausible range {lo}-{hi} µm/px: {why}; "
+            f"if the metadata is wrong, give the right value with inputs.mpp or a slide_mpp column",
+        )
+    return mx, my

@@ -1,4 +1,15 @@
-"""Tiling stage: open the slide with the first reader that can, lay the tile grid, write QC outputs."""
+"""Tiling stage: open the slide with the first reader that can, lay the tile grid, write the QC outputs.
+
+Outputs in the slide folder (see :mod:`gigapath_core.store`):
+
+- ``tiles.h5``: ``coords`` (N, 2) int64 level-0 px top-left corners, ``grid_coords`` (N, 2) int64 px at
+  ``target_mpp`` (multiples of ``tile_size``: what the slide encoder takes, SPEC §1), ``occupancy`` (N,)
+  float32; attributes record the reader, source mpp (and whether it was an override), level, read size, the
+  tiler's facts (Otsu threshold, tissue fraction, grid size).
+- ``thumbnail.png``: the mask thumbnail with the tissue outline (green) and the kept tiles (blue boxes).
+- ``tissue.geojson``: tissue polygons (with holes) in level-0 px, a FeatureCollection that QuPath imports
+  (drag it onto the open slide) as "Tissue" annotations.
+"""
 
 from __future__ import annotations
 
@@ -16,71 +27,139 @@ TILES_FILE = "tiles.h5"
 
 
 def open_slide(path: str, readers: list[str]) -> WSI:
-    """Open ``path`` with the first reader (in the given order) that can.
+    """Open ``path`` with the first reader (in the given order) that can; ``wsi.reader`` names it.
 
     Raises:
-        SlideOpenError: no reader could open it; the message gives each reader's reason.
+        SlideOpenError: the file is missing, or no reader could open it; the message gives each reader's
+            reason (e.g. "openslide: not a slide format OpenSlide recognises; tifffile: not a TIFF file ...").
     """
     from ..api import build
 
-    if not Path(path).is_file():
+    p = Path(path)
+    if not p.exists():
         raise SlideOpenError(path, "file not found")
+    if not p.is_file():
+        raise SlideOpenError(path, "not a file (a folder? give the slide file itself)")
+    if p.stat().st_size == 0:
+        raise SlideOpenError(path, "empty file (0 bytes)")
     reasons = []
     for name in readers:
-        reader = build("slide_reader", name)
         try:
-            return reader.open(path)
+            return build("slide_reader", name).open(str(path))
         except SlideError as err:
-            reasons.append(f"{name}: {str(err).replace(str(path) + ': ', '')}")
+            reason = str(err)
+            if reason.startswith(f"{path}: "):
+                reason = reason[len(f"{path}: "):]
+            reasons.append(f"{name}: {reason.replace(str(path), p.name)}")
         except ImportError as err:
             reasons.append(f"{name}: not installed ({err})")
+        except Exception as err:  # a reader bug must not stop the next reader from trying
+            reasons.append(f"{name}: unexpected {type(err).__name__}: {err}")
     raise SlideOpenError(path, "no reader could open it — " + "; ".join(reasons))
 
 
-def tissue_geojson(grid: TileGrid) -> dict:
-    """Tissue contours of the mask as a GeoJSON FeatureCollection in level-0 px (QuPath-compatible)."""
+def _mask_downsample_xy(grid: TileGrid, level0_size: tuple[int, int] | None) -> tuple[float, float]:
+    if level0_size is not None:
+        return level0_size[0] / grid.tissue_mask.shape[1], level0_size[1] / grid.tissue_mask.shape[0]
+    xy = grid.info.get("mask_downsample_xy")
+    if xy:
+        return float(xy[0]), float(xy[1])
+    return grid.mask_downsample, grid.mask_downsample
+
+
+def tissue_polygons(mask: np.ndarray) -> list[list[np.ndarray]]:
+    """Polygons of a tissue mask: one per 8-connected component, as [exterior, hole, hole...] rings.
+
+    Each ring is an (M, 2) float array of (x, y) in mask px (pixel (i, j) covers [j, j+1) x [i, i+1)), closed
+    (first point == last point), simplified to within 0.5 px.
+    """
+    from scipy import ndimage
     from skimage import measure
 
-    mask = np.pad(grid.tissue_mask.astype(np.uint8), 1)
-    features = []
-    for contour in measure.find_contours(mask, 0.5):
-        if len(contour) < 4:
+    def rings(binary: np.ndarray, offset: tuple[int, int], connected: str) -> list[np.ndarray]:
+        padded = np.pad(binary.astype(np.uint8), 1)
+        out = []
+        for c in measure.find_contours(padded, 0.5, fully_connected=connected):
+            c = measure.approximate_polygon(c, tolerance=0.5)
+            if len(c) < 4:
+                continue
+            xy = np.stack([c[:, 1] - 1 + offset[1] + 0.5, c[:, 0] - 1 + offset[0] + 0.5], axis=1)
+            if not np.array_equal(xy[0], xy[-1]):
+                xy = np.vstack([xy, xy[:1]])
+            out.append(xy)
+        return out
+
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    polygons = []
+    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
             continue
-        xy = (contour[:, ::-1] - 1 + 0.5) * grid.mask_downsample  # (row, col) -> (x, y), undo pad
-        ring = [[round(float(x), 1), round(float(y), 1)] for x, y in xy]
-        if ring[0] != ring[-1]:
-            ring.append(ring[0])
-        features.append(
-            {
-                "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}},
-            }
-        )
+        comp = labels[sl] == k
+        filled = ndimage.binary_fill_holes(comp)
+        offset = (sl[0].start, sl[1].start)
+        outer = rings(filled, offset, "high")
+        if not outer:
+            continue
+        poly = [max(outer, key=len)]
+        holes, _ = ndimage.label(filled & ~comp)
+        for j, hsl in enumerate(ndimage.find_objects(holes), start=1):
+            if hsl is None:
+                continue
+            hoff = (offset[0] + hsl[0].start, offset[1] + hsl[1].start)
+            poly += rings(holes[hsl] == j, hoff, "low")[:1]
+        polygons.append(poly)
+    return polygons
+
+
+def tissue_geojson(grid: TileGrid, level0_size: tuple[int, int] | None = None) -> dict:
+    """Tissue polygons of ``grid.tissue_mask`` as a GeoJSON FeatureCollection in **level-0 px** (QuPath).
+
+    Args:
+        level0_size: (w, h) of level 0; gives the exact per-axis mask downsample (else taken from the grid).
+    """
+    dsx, dsy = _mask_downsample_xy(grid, level0_size)
+    features = []
+    for poly in tissue_polygons(grid.tissue_mask):
+        coords = [[[round(float(x) * dsx, 1), round(float(y) * dsy, 1)] for x, y in ring] for ring in poly]
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": coords},
+            "properties": {"objectType": "annotation", "isLocked": False,
+                           "classification": {"name": "Tissue", "color": [0, 200, 0]}},
+        })
     return {"type": "FeatureCollection", "features": features}
 
 
-def qc_thumbnail(grid: TileGrid) -> np.ndarray:
-    """Thumbnail with the tissue-mask outline (green) and kept tiles (blue boxes), (h, w, 3) uint8."""
+def qc_thumbnail(grid: TileGrid, level0_size: tuple[int, int] | None = None) -> np.ndarray:
+    """Thumbnail with the tissue-mask outline (green) and kept tiles (blue boxes): (h, w, 3) uint8."""
     from PIL import Image, ImageDraw
     from skimage.segmentation import find_boundaries
 
+    dsx, dsy = _mask_downsample_xy(grid, level0_size)
     img = grid.thumbnail.copy()
     img[find_boundaries(grid.tissue_mask, mode="inner")] = (0, 200, 0)
     pil = Image.fromarray(img)
     draw = ImageDraw.Draw(pil)
-    side = grid.tile_size * grid.target_mpp / grid.source_mpp[0] / grid.mask_downsample
+    side_x = grid.tile_size * grid.target_mpp / grid.source_mpp[0] / dsx
+    side_y = grid.tile_size * grid.target_mpp / grid.source_mpp[1] / dsy
     for x, y in grid.coords:
-        x0, y0 = x / grid.mask_downsample, y / grid.mask_downsample
-        draw.rectangle([x0, y0, x0 + side, y0 + side], outline=(30, 60, 255))
+        x0, y0 = x / dsx, y / dsy
+        draw.rectangle([x0, y0, x0 + side_x, y0 + side_y], outline=(30, 60, 255))
     return np.asarray(pil)
 
 
 def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float] | None, attrs: dict) -> TileGrid:
-    """Tile ``wsi`` and write ``tiles.h5``, ``thumbnail.png`` and ``tissue.geojson`` into ``slide_dir``."""
+    """Tile ``wsi`` and write ``tiles.h5``, ``thumbnail.png`` and ``tissue.geojson`` into ``slide_dir``.
+
+    Args:
+        mpp: per-slide level-0 mpp override (config ``inputs.mpp`` / CSV ``slide_mpp``), or None.
+    Raises:
+        MissingMppError, ImplausibleMppError, SlideReadError: from the tiler (the slide fails, the batch goes on).
+    """
     grid = tiler.tile(wsi, mpp)
-    write_png(slide_dir / "thumbnail.png", qc_thumbnail(grid))
-    write_bytes(slide_dir / "tissue.geojson", json.dumps(tissue_geojson(grid)).encode())
+    level0 = tuple(wsi.level_dimensions[0])
+    write_png(slide_dir / "thumbnail.png", qc_thumbnail(grid, level0))
+    write_bytes(slide_dir / "tissue.geojson", json.dumps(tissue_geojson(grid, level0)).encode())
     write_h5(
         slide_dir / TILES_FILE,
         {
@@ -94,11 +173,15 @@ def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float]
             "tiler": tiler.name,
             "source_mpp_x": float(grid.source_mpp[0]),
             "source_mpp_y": float(grid.source_mpp[1]),
+            "mpp_source": "override" if mpp is not None else "metadata",
             "target_mpp": float(grid.target_mpp),
             "tile_size": int(grid.tile_size),
             "level": int(grid.level),
             "read_size": int(grid.read_size),
             "level_dimensions": [list(d) for d in wsi.level_dimensions],
+            "level_downsamples": [float(d) for d in wsi.level_downsamples],
+            "coords_unit": "level-0 px (top-left corner)",
+            "grid_coords_unit": f"px at {float(grid.target_mpp)} um/px (multiples of {int(grid.tile_size)})",
             "tiler_info": grid.info,
             "gigapath_version": __version__,
         },

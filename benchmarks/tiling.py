@@ -1,0 +1,189 @@
+"""Tiling throughput and memory: gigapath's tile path vs a bare OpenSlide ``read_region`` loop (issue #3 item 6).
+
+For each slide — the bundled CMU-1-Small-Region (2,220 x 2,967) and a large pyramid built at run time with
+pyvips (CMU-1-Small-Region replicated to >= 40,000 x 40,000 px, JPEG Q85, 256-px tiles, pyramidal, written
+to a temporary folder and deleted afterwards) — a fresh child process:
+
+1. opens the slide with the configured readers and runs the Otsu tiler (thumbnail + mask + grid), timed;
+2. reads the same tile coordinates (all kept tiles, or an evenly strided subset of ``--max-tiles``; cycled
+   to >= 1,000 reads per round on small slides) with
+   (a) a bare loop ``openslide.OpenSlide.read_region(xy, level, (s, s)).convert("RGB")`` and
+   (b) the pipeline's path ``TileDataset.read(i)`` (reader plugin -> ``Tiler.read_tile`` -> resample when
+   needed), interleaved in blocks of 50 tiles (alternating which loop goes first) so that both see the same
+   load on a shared machine, for ``--rounds`` rounds after a warm-up, and reports the median tiles/s of each
+   and their ratio (b / a; target >= 0.9);
+3. reports its peak RSS (``ru_maxrss``); the target is that it does not grow with slide size.
+
+Usage::
+
+    python benchmarks/tiling.py --out benchmarks/results/tiling.json            # full (~5 min on 2 cores)
+    python benchmarks/tiling.py --size 8000 --max-tiles 500 --rounds 2          # quick check
+
+Numbers depend on the machine; compare ratios measured in the same process only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "data" / "CMU-1-Small-Region.svs"
+
+
+def build_pyramid(src: Path, out: Path, min_side: int, mpp: float = 0.499) -> dict:
+    """Replicate ``src`` to at least ``min_side`` px on each side and save a JPEG tiled pyramidal TIFF."""
+    import pyvips
+
+    img = pyvips.Image.new_from_file(str(src)).copy()
+    if "image-description" in img.get_fields():
+        img.remove("image-description")  # not an Aperio file any more
+    nx, ny = math.ceil(min_side / img.width), math.ceil(min_side / img.height)
+    big = img.replicate(nx, ny)
+    t0 = time.perf_counter()
+    big.tiffsave(str(out), tile=True, pyramid=True, compression="jpeg", Q=85, tile_width=256, tile_height=256,
+                 bigtiff=True, xres=1000 / mpp, yres=1000 / mpp, resunit="cm")
+    return {"width": big.width, "height": big.height, "build_seconds": round(time.perf_counter() - t0, 1),
+            "file_mb": round(out.stat().st_size / 2**20, 1)}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+BLOCK = 50
+
+
+def child(path: str, readers: list[str], max_tiles: int, rounds: int, min_reads: int = 1000) -> dict:
+    """Runs in a fresh process: tiling + the two read loops on one slide; prints a JSON line."""
+    import numpy as np
+    import openslide
+
+    from gigapath_core.api import build
+    from gigapath_core.stages.tile_embedding import TileDataset
+    from gigapath_core.stages.tiling import open_slide
+
+    rss_start = _rss_mb()
+    tiler = build("tiler", "otsu")
+    t0 = time.perf_counter()
+    with open_slide(path, readers) as wsi:
+        grid = tiler.tile(wsi)
+        reader, dims = wsi.reader, wsi.level_dimensions
+    tiling_s = time.perf_counter() - t0
+    rss_after_mask = _rss_mb()
+    coords = grid.coords
+    if len(coords) > max_tiles:
+        coords = coords[np.linspace(0, len(coords) - 1, max_tiles).round().astype(int)]
+    n = len(coords)
+    level, size = grid.level, grid.read_size
+
+    ds = TileDataset(path, reader, tiler, coords, level, size, grid.tile_size, transform=lambda t: t)
+    slide = openslide.OpenSlide(path)
+
+    def bare(idx) -> float:
+        t = time.perf_counter()
+        for i in idx:
+            x, y = coords[i]
+            np.asarray(slide.read_region((int(x), int(y)), level, (size, size)).convert("RGB"))
+        return time.perf_counter() - t
+
+    def ours(idx) -> float:
+        t = time.perf_counter()
+        for i in idx:
+            ds.read(i)
+        return time.perf_counter() - t
+
+    # one pass = every coordinate at least once and >= min_reads reads; blocks of BLOCK tiles alternate between
+    # the two loops (and which goes first), so both see the same machine load and cache state
+    order = np.resize(np.arange(n), max(n, min_reads))
+    blocks = [order[i:i + BLOCK] for i in range(0, len(order), BLOCK)]
+    for blk in blocks[:2]:  # warm-up: page cache, decoder state
+        bare(blk), ours(blk)
+    a, b = [], []
+    for _ in range(rounds):
+        ta = tb = 0.0
+        for k, blk in enumerate(blocks):
+            if k % 2:
+                tb += ours(blk)
+                ta += bare(blk)
+            else:
+                ta += bare(blk)
+                tb += ours(blk)
+        a.append(len(order) / ta)
+        b.append(len(order) / tb)
+    ma, mb = statistics.median(a), statistics.median(b)
+    return {"slide": Path(path).name, "level_dimensions": dims[:3], "n_levels": len(dims), "reader": reader,
+            "tiles_kept": len(grid), "tiles_timed": n, "reads_per_round": len(order), "level": level, "read_size": size,
+            "tiling_seconds": round(tiling_s, 3),
+            "bare_openslide_tiles_per_s": round(ma, 1), "gigapath_tiles_per_s": round(mb, 1),
+            "ratio": round(mb / ma, 3), "rounds_bare": [round(v, 1) for v in a], "rounds_gigapath": [round(v, 1) for v in b],
+            "rss_mb_start": round(rss_start, 1), "rss_mb_after_mask": round(rss_after_mask, 1),
+            "peak_rss_mb": round(_rss_mb(), 1)}
+
+
+def run_child(path: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(path), "--readers", ",".join(args.readers),
+           "--max-tiles", str(args.max_tiles), "--rounds", str(args.rounds)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "GIGAPATH_PROGRESS": "0"})
+    if res.returncode != 0:
+        raise RuntimeError(f"child failed on {path}:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=40000, help="min side of the generated pyramid, px")
+    ap.add_argument("--max-tiles", type=int, default=3000, help="tiles timed per slide (evenly strided subset)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating bare/gigapath rounds after a warm-up")
+    ap.add_argument("--readers", type=lambda s: s.split(","), default=["openslide", "tifffile", "pyvips"])
+    ap.add_argument("--tmp", default=None, help="folder for the generated pyramid (default: system temp)")
+    ap.add_argument("--out", default=None, help="write the JSON result here too")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.readers, args.max_tiles, args.rounds)))
+        return 0
+
+    result = {"benchmark": "tiling", "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                                 "platform": platform.platform()},
+              "note": "ratio = gigapath TileDataset.read tiles/s / bare OpenSlide read_region tiles/s, same process, "
+                      "same coordinates; each slide in a fresh process for its peak RSS",
+              "params": {"size": args.size, "max_tiles": args.max_tiles, "rounds": args.rounds, "readers": args.readers},
+              "slides": []}
+    result["slides"].append(run_child(EXAMPLE, args))
+    tmp = Path(tempfile.mkdtemp(prefix="gigapath-bench-", dir=args.tmp))
+    try:
+        big = tmp / f"cmu-replicated-{args.size}.tif"
+        result["pyramid"] = build_pyramid(EXAMPLE, big, args.size)
+        result["slides"].append(run_child(big, args))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    small, large = result["slides"][0], result["slides"][-1]
+    result["summary"] = {
+        "ratio_real_slide": small["ratio"], "ratio_large_pyramid": large["ratio"],
+        "peak_rss_mb_real_slide": small["peak_rss_mb"], "peak_rss_mb_large_pyramid": large["peak_rss_mb"],
+        "peak_rss_growth": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+        "pixels_ratio": round(large["level_dimensions"][0][0] * large["level_dimensions"][0][1]
+                              / (small["level_dimensions"][0][0] * small["level_dimensions"][0][1]), 1),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
