@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The stain example end to end (CPU, a few minutes): embed -> pseudo-slides -> 5-fold fine-tuning -> ablation.
+# Outputs go to out/stain_task/ at the repository root. Re-running resumes: finished steps and folds are reused.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+gigapath="${GIGAPATH:-gigapath}"
+python="${PYTHON:-python}"
+"$gigapath" run "$here/embed.yaml"
+"$python" "$here/make_pseudo_slides.py" "$root/out/stain_task/embed" "$root/out/stain_task/pseudo"
+"$gigapath" run "$here/finetune.yaml"
+"$gigapath" run "$here/ablation.yaml"

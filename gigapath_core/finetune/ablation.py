@@ -1,0 +1,133 @@
+"""The ``ablation`` job: several finetune variants on the same folds, one side-by-side table (SPEC §4).
+
+Config::
+
+    job: ablation
+    base: finetune.yaml            # a finetune config (path, relative to this file) or an inline mapping
+    output: ../out/ablation
+    reference: longnet             # H1 of each test: the reference beats the variant (default: first variant)
+    metrics: [auroc, auprc, bacc]
+    variants:                      # name -> dotted overrides of the base config (values replace whole subtrees)
+      longnet:    {}
+      abmil_only: {model.slide_encoder: null}
+      mean:       {model.slide_encoder: {name: mean}, model.head: {name: linear}}
+      other_tiles: {data.embeddings: ../out/ctranspath_embed}
+
+Every variant is validated before anything runs; the folds are made once (``OUT/splits.csv``) and shared.
+Each variant writes a full finetune output into ``OUT/<variant>/``; the comparison goes to ``OUT/ablation.md``,
+``ablation.csv`` and ``ablation.json`` (one-sided Wilcoxon signed-rank p-values of reference vs each variant).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+
+from ..config import Strict, load_raw, pydantic_error, set_key
+from ..errors import ConfigError
+from ..evaluation.tables import ablation_rows, print_table, to_csv, to_markdown
+from ..progress import console
+from ..store import write_bytes, write_json
+from .config import FinetuneConfig, absolutize_paths, load_finetune_config
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class AblationConfig(Strict):
+    job: Literal["ablation"] = "ablation"
+    base: str | dict[str, Any] = Field(description="finetune config file (relative to this file) or mapping")
+    variants: dict[str, dict[str, Any]] = Field(min_length=2, description="name -> dotted overrides of the base")
+    reference: str | None = Field(None, description="variant the others are tested against (default: first)")
+    metrics: list[str] = Field(default_factory=lambda: ["auroc", "auprc", "bacc"], min_length=1)
+    output: str | None = None
+
+
+def load_ablation_config(raw: dict, base: Path, out: str | None = None
+                         ) -> tuple[AblationConfig, dict[str, FinetuneConfig]]:
+    """Validate the ablation config and every variant's finetune config. Raises ConfigError (key path)."""
+    try:
+        cfg = AblationConfig(**raw)
+    except ValidationError as err:
+        raise pydantic_error(err) from None
+    if out is not None:
+        cfg.output = str(Path(out).resolve())
+    elif cfg.output is not None:
+        cfg.output = str((base / cfg.output).resolve()) if not Path(cfg.output).is_absolute() else cfg.output
+    else:
+        raise ConfigError("output", "no output folder: set output: in the config or pass --out DIR")
+    if isinstance(cfg.base, str):
+        base_path = Path(cfg.base).expanduser()
+        base_path = base_path if base_path.is_absolute() else base / base_path
+        if not base_path.is_file():
+            raise ConfigError("base", f"finetune config not found: {base_path}")
+        base_raw, base_dir = load_raw(base_path), base_path.parent
+    else:
+        base_raw, base_dir = dict(cfg.base), base
+    if base_raw.get("job", "finetune") != "finetune":
+        raise ConfigError("base.job", f"the base of an ablation must be a finetune config, got job {base_raw['job']!r}")
+    base_raw = absolutize_paths({**base_raw, "job": "finetune"}, base_dir)
+    cfg.reference = cfg.reference or next(iter(cfg.variants))
+    if cfg.reference not in cfg.variants:
+        raise ConfigError("reference", f"unknown variant {cfg.reference!r}; variants: {', '.join(cfg.variants)}")
+    variants: dict[str, FinetuneConfig] = {}
+    for name, overrides in cfg.variants.items():
+        if not _NAME.match(name):
+            raise ConfigError(f"variants.{name}", "variant names are folder names: letters, digits, . _ - only")
+        raw_v = copy.deepcopy(base_raw)
+        for key, value in (overrides or {}).items():
+            if key == "folds" or key.startswith("folds."):
+                raise ConfigError(f"variants.{name}.{key}", "variants share the folds; set folds in the base config")
+            set_key(raw_v, key, copy.deepcopy(value))
+        raw_v = absolutize_paths(raw_v, base)  # paths in the overrides are relative to the ablation file
+        try:
+            variants[name] = load_finetune_config(raw_v, base, out=str(Path(cfg.output) / name))
+        except ConfigError as err:
+            raise ConfigError(f"variants.{name}", str(err)) from None
+    return cfg, variants
+
+
+def run_ablation(raw: dict, base: Path, out: str | None, options: dict) -> int:
+    """``gigapath run`` entry point of ``job: ablation``. Returns 0."""
+    cfg, variants = load_ablation_config(raw, base, out)
+    ablation(cfg, variants)
+    return 0
+
+
+def ablation(cfg: AblationConfig, variants: dict[str, FinetuneConfig]) -> dict[str, Any]:
+    """Run every variant on shared folds and write the comparison. Returns the ablation.json content."""
+    from .data import load_data
+    from .runner import finetune, prepare_splits
+
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    first = next(iter(variants.values()))
+    shared = first.folds.splits
+    if shared is None:
+        lead = first.model_copy(update={"output": str(out)})
+        prepare_splits(lead, load_data(lead.data))
+        shared = str(out / "splits.csv")
+    summaries, notes = {}, {}
+    for i, (name, vcfg) in enumerate(variants.items()):
+        console.rule(f"variant {i + 1}/{len(variants)}: {name}")
+        vcfg = vcfg.model_copy(update={"folds": vcfg.folds.model_copy(update={"splits": shared})})
+        metrics = finetune(vcfg)
+        summaries[name] = metrics["summary"]
+        notes[name] = metrics["notes"]
+    header, rows, tests = ablation_rows(summaries, cfg.reference, cfg.metrics)
+    k = len(next(iter(summaries.values())).get(cfg.metrics[0], {}).get("folds", []))
+    caption = (f"mean ± s.e.m. over {k} shared folds; p: one-sided Wilcoxon signed-rank test that "
+               f"{cfg.reference!r} is better than the variant")
+    all_notes = sorted({n for ns in notes.values() for n in ns})
+    print_table("Ablation", header, rows, caption=caption)
+    md = f"# Ablation\n\n{caption}.\n\n" + to_markdown(header, rows) + "".join(f"\n> Note: {n}\n" for n in all_notes)
+    write_bytes(out / "ablation.md", md.encode())
+    write_bytes(out / "ablation.csv", to_csv(header, rows).encode())
+    result = {"reference": cfg.reference, "metrics": cfg.metrics, "splits": shared, "variants": summaries,
+              "tests": tests, "notes": all_notes}
+    write_json(out / "ablation.json", result)
+    console.print(f"ablation table -> {out / 'ablation.md'}")
+    return result
