@@ -299,9 +299,18 @@ class TaskHead(Plugin, nn.Module, abc.ABC):
 
 
 class SSLObjective(Plugin, nn.Module, abc.ABC):
-    """A self-supervised or contrastive training objective: model parts + loss (SPEC §2, §3, §5)."""
+    """A self-supervised or contrastive training objective: model parts + loss (SPEC §2, §3, §5).
+
+    Training protocol (see :mod:`gigapath_core.pretrain`): the job reads raw samples of the kind named by
+    ``data`` (``"tiles"``: (H, W, 3) uint8 RGB tiles; ``"slides"``: dicts with ``features`` (N, D) float32 and
+    ``coords`` (N, 2) grid px; ``"pairs"``: slides plus ``text``), calls ``view(sample, rng)`` on each sample
+    (augmentations and masks; all randomness from ``rng`` so a resumed run sees the same views),
+    ``collate(views)`` per micro-batch, then ``forward(batch)``; ``after_step(step, total_steps)`` runs after
+    every optimiser step (e.g. the EMA teacher update).
+    """
 
     kind: ClassVar[str] = "ssl_objective"
+    data: ClassVar[str] = "tiles"
 
     def __init__(self) -> None:
         nn.Module.__init__(self)
@@ -309,6 +318,17 @@ class SSLObjective(Plugin, nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Compute the loss on one batch. Returns a dict with at least ``"loss"`` (scalar tensor)."""
+
+    def view(self, sample: Any, rng: np.random.Generator) -> Any:
+        """One raw sample -> one training view (default: unchanged)."""
+        return sample
+
+    def collate(self, views: list[Any]) -> dict[str, Any]:
+        """Views of one micro-batch -> the ``batch`` given to :meth:`forward` (default: ``{"items": views}``)."""
+        return {"items": views}
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after optimiser step ``step`` (1-based) of ``total_steps``."""
 
 
 class TextEncoder(Plugin, nn.Module, abc.ABC):

@@ -1,0 +1,23 @@
+"""Pretraining and zero-shot jobs: ``dinov2`` (tile encoder, SPEC §2), ``mae_slide`` (slide encoder, SPEC §3),
+``clip`` (slide–report alignment, SPEC §5) and ``zeroshot`` (MI-Zero prompts, SPEC §5).
+
+Each job builds an ``ssl_objective`` plugin, feeds it views of real data (tiles streamed by the tiler,
+``tile_embeddings.h5`` of the embed job, slide–report pairs) through the shared
+:class:`gigapath_core.training.Trainer` (AdamW, warm-up + cosine, safetensors checkpoints, exact resume) and
+exports the trained encoder. See docs/pretraining.md.
+"""
+
+from .config import CLIPJobConfig, DINOv2JobConfig, EmbeddingsConfig, MAEJobConfig, ZeroShotConfig, ZeroShotJobConfig
+from .data import ViewDataset, load_pairs, load_slide_embeddings
+
+__all__ = [
+    "CLIPJobConfig",
+    "DINOv2JobConfig",
+    "EmbeddingsConfig",
+    "MAEJobConfig",
+    "ViewDataset",
+    "ZeroShotConfig",
+    "ZeroShotJobConfig",
+    "load_pairs",
+    "load_slide_embeddings",
+]
