@@ -197,6 +197,25 @@ def collect_slides(inputs: InputsConfig, base: Path) -> list[SlideInput]:
     return unique
 
 
+def parse_model(model: type[BaseModel], raw: dict) -> Any:
+    """``model(**raw)`` with the first validation error turned into a key-path ConfigError."""
+    try:
+        return model(**raw)
+    except ValidationError as err:
+        raise pydantic_error(err) from None
+
+
+def resolve_output(cfg: Any, base: Path, out: str | None) -> None:
+    """Set ``cfg.output`` to an absolute path: ``out`` (from the command line, relative to the cwd) wins over the
+    config's ``output`` (relative to the config file). Raises ConfigError if neither is given."""
+    if out is not None:
+        cfg.output = str(Path(out).resolve())
+    elif cfg.output is not None:
+        cfg.output = str((base / cfg.output).resolve()) if not Path(cfg.output).is_absolute() else cfg.output
+    else:
+        raise ConfigError("output", "no output folder: set output: in the config or pass --out DIR")
+
+
 def load_pipeline_config(raw: dict, base: Path, out: str | None = None) -> tuple[PipelineConfig, list[SlideInput]]:
     """Validate an ``embed`` config completely (keys, types, plugin names, params, inputs).
 
@@ -205,16 +224,8 @@ def load_pipeline_config(raw: dict, base: Path, out: str | None = None) -> tuple
     from .api import validate_stage
     from .plugins import get_plugin_manager
 
-    try:
-        cfg = PipelineConfig(**raw)
-    except ValidationError as err:
-        raise pydantic_error(err) from None
-    if out is not None:
-        cfg.output = str(Path(out).resolve())
-    elif cfg.output is not None:
-        cfg.output = str((base / cfg.output).resolve()) if not Path(cfg.output).is_absolute() else cfg.output
-    else:
-        raise ConfigError("output", "no output folder: set output: in the config or pass --out DIR")
+    cfg = parse_model(PipelineConfig, raw)
+    resolve_output(cfg, base, out)
     cfg.registry = [str((base / r).resolve()) for r in cfg.registry]
     readers = get_plugin_manager().names("slide_reader")
     for i, r in enumerate(cfg.readers):

@@ -25,9 +25,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from ..config import Strict, load_raw, pydantic_error, set_key
+from ..config import Strict, load_raw, parse_model, resolve_output, set_key
 from ..errors import ConfigError
 from ..evaluation.tables import ablation_rows, print_table, to_csv, to_markdown
 from ..progress import console
@@ -49,16 +49,8 @@ class AblationConfig(Strict):
 def load_ablation_config(raw: dict, base: Path, out: str | None = None
                          ) -> tuple[AblationConfig, dict[str, FinetuneConfig]]:
     """Validate the ablation config and every variant's finetune config. Raises ConfigError (key path)."""
-    try:
-        cfg = AblationConfig(**raw)
-    except ValidationError as err:
-        raise pydantic_error(err) from None
-    if out is not None:
-        cfg.output = str(Path(out).resolve())
-    elif cfg.output is not None:
-        cfg.output = str((base / cfg.output).resolve()) if not Path(cfg.output).is_absolute() else cfg.output
-    else:
-        raise ConfigError("output", "no output folder: set output: in the config or pass --out DIR")
+    cfg = parse_model(AblationConfig, raw)
+    resolve_output(cfg, base, out)
     if isinstance(cfg.base, str):
         base_path = Path(cfg.base).expanduser()
         base_path = base_path if base_path.is_absolute() else base / base_path

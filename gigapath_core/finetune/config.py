@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from ..config import StageConfig, Strict, pydantic_error
+from ..config import StageConfig, Strict, parse_model, resolve_output
 from ..errors import ConfigError
 from ..training import TrainConfig
 
@@ -141,14 +141,8 @@ def load_finetune_config(raw: dict, base: Path, out: str | None = None) -> Finet
     from ..api import validate_stage
 
     raw = absolutize_paths(raw, base)
-    try:
-        cfg = FinetuneConfig(**raw)
-    except ValidationError as err:
-        raise pydantic_error(err) from None
-    if out is not None:
-        cfg.output = str(Path(out).resolve())
-    elif cfg.output is None:
-        raise ConfigError("output", "no output folder: set output: in the config or pass --out DIR")
+    cfg = parse_model(FinetuneConfig, raw)
+    resolve_output(cfg, base, out)  # raw paths were made absolute above
     if not Path(cfg.data.labels).is_file():
         raise ConfigError("data.labels", f"labels CSV not found: {cfg.data.labels}")
     for i, folder in enumerate(cfg.data.embeddings):

@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from ..config import InputsConfig, StageConfig, Strict, pydantic_error
+from ..config import InputsConfig, StageConfig, Strict, parse_model, resolve_output
 from ..errors import ConfigError
 from ..training import TrainConfig
 
@@ -130,16 +130,8 @@ def load_job_config(raw: dict, base: Path, out: str | None):
     from ..api import validate_stage
 
     model = JOB_MODELS[raw.get("job")]
-    try:
-        cfg = model(**raw)
-    except ValidationError as err:
-        raise pydantic_error(err) from None
-    if out is not None:
-        cfg.output = str(Path(out).resolve())
-    elif cfg.output is not None:
-        cfg.output = resolve_path(cfg.output, base)
-    else:
-        raise ConfigError("output", "no output folder: set output: in the config or pass --out DIR")
+    cfg = parse_model(model, raw)
+    resolve_output(cfg, base, out)
     cfg.registry = [resolve_path(r, base) for r in cfg.registry]
     if hasattr(cfg, "objective"):
         validate_stage("ssl_objective", cfg.objective.name, cfg.objective.params, cfg.registry, "objective")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
 from gigapath_core import hookimpl
