@@ -25,7 +25,7 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_run(args) -> int:
     from .jobs import run
 
-    options = {k: v for k, v in (("executor", args.executor), ("shard", args.shard)) if v}
+    options = {k: v for k, v in (("executor", args.executor), ("shard", args.shard), ("address", args.address)) if v}
     return run(args.config, out=args.out, sets=args.set or [], **options)
 
 
@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="pipeline config (YAML)")
     r.add_argument("--out", help="output folder (overrides the config's output)")
     r.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
-    r.add_argument("--executor", help="executor name (default: the config's, else local)")
-    r.add_argument("--shard", help="k/N: process only the k-th of N deterministic slices of the slides")
+    r.add_argument("--executor", help="executor name: local or ray (default: the config's, else local)")
+    r.add_argument("--shard", help="k/N with 0 <= k < N: process only slides k, k+N, k+2N, ... (Slurm job arrays)")
+    r.add_argument("--address", help="Ray cluster to join ('auto' = the one started on this machine); "
+                                     "implies --executor ray")
     r.set_defaults(func=cmd_run)
 
     pl = sub.add_parser("plugins", help="list installed plugins")

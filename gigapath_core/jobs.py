@@ -18,6 +18,9 @@ from .errors import ConfigError
 log = logging.getLogger("gigapath")
 
 JOBS: dict[str, str] = {"embed": "gigapath_core.jobs:run_embed"}
+JOBS["finetune"] = "gigapath_core.finetune.runner:run_finetune"
+JOBS["ablation"] = "gigapath_core.finetune.ablation:run_ablation"
+JOBS.update({j: f"gigapath_core.pretrain.jobs:run_{j}" for j in ("dinov2", "mae_slide", "clip", "zeroshot")})
 
 
 def run(config: str | Path | dict, out: str | None = None, sets: list[str] = (), **options: Any) -> int:
@@ -44,52 +47,85 @@ def run(config: str | Path | dict, out: str | None = None, sets: list[str] = (),
 
 
 def run_embed(raw: dict, base: Path, out: str | None, options: dict) -> int:
-    """The ``embed`` job over every slide of the config; writes the output contract and ``manifest.csv``."""
-    from .executors import get_executor
-    from .pipeline import get_models, process_slide
-    from .progress import console, make_progress
-    from .store import rebuild_manifest
+    """The ``embed`` job over every slide of the config; writes the output contract and ``manifest.csv``.
 
+    Options: ``executor`` (name; overrides the config's ``executor.name``; the config's ``executor.params``
+    are kept only if the name is the same), ``address`` (Ray cluster to join; implies ``executor: ray``) and
+    ``shard`` (``k/N``: only that slice of the slides, manifest written to ``manifest-shard-k-of-N.csv``).
+    See docs/scale_out.md.
+    """
+    import time
+
+    from .executors import get_executor, map_until_done, parse_shard, shard_slides
+    from .pipeline import process_slide
+    from .progress import console, make_progress
+    from .store import rebuild_manifest, write_manifest
+
+    if options.get("address"):
+        options.setdefault("executor", "ray")
+        if options["executor"] != "ray":
+            raise ConfigError("--address", f"joins a Ray cluster; it needs --executor ray (got {options['executor']!r})")
     if options.get("executor"):
-        raw.setdefault("executor", {})["name"] = options["executor"]
-    cfg, slides = load_pipeline_config(raw, base, out)
+        ex = raw.setdefault("executor", {})
+        if isinstance(ex, dict) and "name" in ex and ex["name"] != options["executor"]:
+            if ex.get("params"):
+                log.warning("--executor %s: ignoring executor.params meant for %r", options["executor"],
+                            ex.get("name", "local"))
+            ex["params"] = {}
+        ex["name"] = options["executor"]
+    if options.get("address"):
+        raw["executor"].setdefault("params", {})["address"] = options["address"]
+    shard = options.get("shard")
+    manifest_name = "manifest.csv"
+    if shard:
+        k, n = parse_shard(shard)  # checked before the config's slides are globbed
+        manifest_name = f"manifest-shard-{k}-of-{n}.csv"
+    cfg, all_slides = load_pipeline_config(raw, base, out)
+    slides = shard_slides(all_slides, shard)
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
-    models = get_models(cfg)  # builds and checks the models before any slide is touched
-    for label, m in (("tile encoder", models.tile_encoder), ("slide encoder", models.slide_encoder)):
-        if m is not None:
-            state = "RANDOM weights (not pretrained)" if m.weights_source == "random" else f"pretrained weights from {m.weights_source}"
-            console.print(f"{label}: [bold]{type(m).name}[/] with {state}")
     executor = get_executor(cfg.executor.name, **cfg.executor.params)
     ids = [s.slide_id for s in slides]
-    overlay: dict[str, dict] = {}
-    failed = 0
-    with make_progress() as progress:
-        task = progress.add_task("slides", total=len(slides))
-        tiles_task = progress.add_task("tiles", total=None, visible=cfg.tile_encoder is not None)
+    try:
+        # builds and checks the models where slides will run, before any slide is touched
+        for label, name, source in executor.describe_models(cfg):
+            state = "RANDOM weights (not pretrained)" if source == "random" else f"pretrained weights from {source}"
+            console.print(f"{label}: [bold]{name}[/] with {state}")
+        if shard:
+            console.print(f"shard {shard}: {len(slides)} of {len(all_slides)} slides")
+        rows = {r["slide_id"]: r for r in rebuild_manifest(cfg.output, ids, name=manifest_name)}
+        failed, last_write = 0, time.monotonic()
+        with make_progress() as progress:
+            task = progress.add_task("slides", total=len(slides))
+            tiles_task = progress.add_task("tiles", total=None,
+                                           visible=cfg.tile_encoder is not None and executor.in_process)
 
-        def on_tiles(done: int, total: int) -> None:
-            progress.update(tiles_task, completed=done, total=total)
+            def on_tiles(done: int, total: int) -> None:
+                progress.update(tiles_task, completed=done, total=total)
 
-        try:
-            for row in executor.map(process_slide, cfg, slides, on_tiles=on_tiles):
-                overlay[row["slide_id"]] = row
+            waiting: list[int] = []
+
+            def on_wait(locked: list[str]) -> None:
+                if waiting[-1:] != [len(locked)]:  # say it when the number changes, not every poll
+                    console.print(f"waiting for {len(locked)} slide(s) being processed by another run "
+                                  f"(e.g. {locked[0]}); their locks are checked every few seconds")
+                waiting.append(len(locked))
+
+            for row in map_until_done(executor, process_slide, cfg, slides, on_tiles=on_tiles, on_wait=on_wait):
+                rows[row["slide_id"]] = row
                 failed += row["status"] == "failed"
                 if row["status"] == "failed":
                     console.print(f"[red]failed[/] {row['slide_id']}: {row['reason']}")
                 progress.advance(task)
-                _write_manifest(cfg.output, ids, overlay)
-        finally:
-            executor.close()
-    rows = _write_manifest(cfg.output, ids, overlay)
-    ok = sum(r["status"] == "ok" for r in rows)
-    skipped = sum(r["status"] == "skipped" for r in rows)
-    console.print(f"{ok} ok, {skipped} skipped, {failed} failed -> {Path(cfg.output) / 'manifest.csv'}")
+                if time.monotonic() - last_write > 5.0:  # in-memory rows: no re-read of every marker per slide
+                    write_manifest(cfg.output, [rows[i] for i in ids], manifest_name)
+                    last_write = time.monotonic()
+    finally:
+        executor.close()
+    skipped = {sid: r for sid, r in rows.items() if r["status"] == "skipped"}
+    final = rebuild_manifest(cfg.output, ids, skipped, name=manifest_name)  # the truth: the markers
+    ok = sum(r["status"] == "ok" for r in final)
+    console.print(f"{ok} ok, {len(skipped)} skipped, {failed} failed -> {Path(cfg.output) / manifest_name}")
+    if shard:
+        console.print("when every shard has finished, run the same command without --shard to write manifest.csv "
+                      "(it skips finished slides and redoes any that are missing)")
     return 1 if failed else 0
-
-
-def _write_manifest(out_dir: str, ids: list[str], overlay: dict[str, dict]) -> list[dict]:
-    """manifest.csv from the markers, with this run's 'skipped' status overlaid."""
-    from .store import rebuild_manifest
-
-    rows = rebuild_manifest(out_dir, ids, {sid: r for sid, r in overlay.items() if r["status"] == "skipped"})
-    return rows

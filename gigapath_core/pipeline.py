@@ -80,13 +80,17 @@ def get_models(cfg: PipelineConfig) -> Models:
         device = resolve_device(cfg.device)
         tiler = build("tiler", cfg.tiler.name, registry=cfg.registry, **cfg.tiler.params)
         te = se = None
-        if cfg.tile_encoder:
-            te = build("tile_encoder", cfg.tile_encoder.name, weights=cfg.tile_encoder.weights,
-                       registry=cfg.registry, **cfg.tile_encoder.params).to(device)
-        if cfg.slide_encoder:
-            se = build("slide_encoder", cfg.slide_encoder.name, weights=cfg.slide_encoder.weights,
-                       registry=cfg.registry, **cfg.slide_encoder.params).to(device)
-            if te is not None and te.embed_dim != se.in_dim:
+        # a fixed seed for any random initialisation, so every worker process of a run (pool, Ray actors)
+        # holds the same random weights; the caller's RNG state is left untouched
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            if cfg.tile_encoder:
+                te = build("tile_encoder", cfg.tile_encoder.name, weights=cfg.tile_encoder.weights,
+                           registry=cfg.registry, **cfg.tile_encoder.params).to(device)
+            if cfg.slide_encoder:
+                se = build("slide_encoder", cfg.slide_encoder.name, weights=cfg.slide_encoder.weights,
+                           registry=cfg.registry, **cfg.slide_encoder.params).to(device)
+            if te is not None and se is not None and te.embed_dim != se.in_dim:
                 raise ConfigError("slide_encoder.params",
                                   f"the tile encoder gives {te.embed_dim}-d embeddings but the slide encoder "
                                   f"{cfg.slide_encoder.name!r} takes {se.in_dim}-d (set its in_chans to {te.embed_dim})")
@@ -111,17 +115,62 @@ def process_slide(cfg: PipelineConfig, slide: SlideInput, on_tiles: Callable[[in
         on_tiles: progress callback ``(done, total)`` during tile embedding.
     Returns:
         The manifest row (see :data:`gigapath_core.store.MANIFEST_FIELDS`); ``status`` is ``ok``,
-        ``failed`` (with ``reason`` and ``error_type``) or ``skipped`` (done by an earlier run).
+        ``failed`` (with ``reason`` and ``error_type``), ``skipped`` (done by an earlier run) or ``locked``
+        (another live run holds the slide's lock, :class:`gigapath_core.executors.SlideLock`; nothing written).
     Raises:
         ConfigError: a problem with the config (affects every slide).
     """
+    from .executors.slide_lock import SlideLock
+
     t_start = time.perf_counter()
     slide_dir = Path(cfg.output) / slide.slide_id
     fp = fingerprints(cfg, slide)
-    previous = read_status(slide_dir)
     final_fp = fp["slide_encoder"]
+    if (done := _done_row(slide_dir, final_fp)) is not None:
+        return done
+    lock = SlideLock(slide_dir)
+    if not lock.acquire():
+        return {"slide_id": slide.slide_id, "slide_path": slide.path, "status": "locked",
+                "reason": f"being processed by another run ({lock.describe_holder()})", "error_type": ""}
+    try:
+        if (done := _done_row(slide_dir, final_fp)) is not None:  # finished by the run that held the lock
+            return done
+        if lock.broke_stale:
+            log.info("slide %s: took over the stale lock of a dead run (host %s pid %s)", slide.slide_id,
+                     lock.broke_stale.get("host"), lock.broke_stale.get("pid"))
+        clear_partial_outputs(slide_dir)
+        return _run_stages(cfg, slide, slide_dir, fp, t_start, on_tiles)
+    finally:
+        lock.release()
+
+
+def _done_row(slide_dir: Path, final_fp: str) -> dict | None:
+    """The ``skipped`` row if the slide's marker says ``ok`` for this config, else None."""
+    previous = read_status(slide_dir)
     if previous and previous.get("status") == "ok" and previous.get("fingerprint") == final_fp:
         return {**previous, "status": "skipped", "reason": "done by an earlier run"}
+    return None
+
+
+def clear_partial_outputs(slide_dir: Path) -> None:
+    """Before (re)processing a slide under its lock: delete temporary files a killed writer left behind and
+    the marker of an earlier config, so no reader takes this slide as done until the new marker is written.
+    Complete stage outputs stay (a stage whose fingerprint matches is reused)."""
+    from .store import STATUS_FILE, TMP_PREFIX
+
+    for p in slide_dir.rglob(f"{TMP_PREFIX}*"):
+        if p.is_dir():
+            import shutil
+
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    (slide_dir / STATUS_FILE).unlink(missing_ok=True)
+
+
+def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dict[str, str], t_start: float,
+                on_tiles: Callable[[int, int], None] | None) -> dict:
+    final_fp = fp["slide_encoder"]
     row: dict[str, Any] = {"slide_id": slide.slide_id, "slide_path": slide.path, "status": "failed", "reason": "",
                            "error_type": "", "n_tiles": "", "reader": "", "weights": "", "fingerprint": final_fp}
     models = get_models(cfg)

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 
 STATUS_FILE = "status.json"
+TMP_PREFIX = ".gigapath-tmp-"  # temporary names (see atomic_path); left behind only by a killed writer
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 MANIFEST_FIELDS = ["slide_id", "slide_path", "status", "reason", "error_type", "n_tiles", "reader",
@@ -39,7 +40,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temp path beside ``final``; on success rename it to ``final``, on error delete it."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".gigapath-tmp-{final.name}.", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{final.name}.", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
@@ -131,8 +132,9 @@ def write_status(slide_dir: str | Path, row: dict[str, Any]) -> None:
 
 
 def rebuild_manifest(out_dir: str | Path, slide_ids: list[str] | None = None,
-                     overlay: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Rebuild ``OUT/manifest.csv`` from the per-slide markers; return the rows.
+                     overlay: dict[str, dict[str, Any]] | None = None,
+                     name: str = "manifest.csv") -> list[dict[str, Any]]:
+    """Rebuild ``OUT/manifest.csv`` (or ``OUT/<name>``) from the per-slide markers; return the rows.
 
     Args:
         slide_ids: the slides of this run, in input order; ``None`` takes every slide folder with a marker.
@@ -147,9 +149,14 @@ def rebuild_manifest(out_dir: str | Path, slide_ids: list[str] | None = None,
         s = overlay.get(sid) or read_status(out_dir / sid) or {"slide_id": sid, "status": "pending",
                                                                "reason": "not processed yet"}
         rows.append({k: s.get(k, "") for k in MANIFEST_FIELDS})
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    write_bytes(out_dir / "manifest.csv", buf.getvalue().encode())
+    write_manifest(out_dir, rows, name)
     return rows
+
+
+def write_manifest(out_dir: str | Path, rows: list[dict[str, Any]], name: str = "manifest.csv") -> None:
+    """Write manifest rows (columns :data:`MANIFEST_FIELDS`) atomically to ``OUT/<name>``."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    w.writerows({k: r.get(k, "") for k in MANIFEST_FIELDS} for r in rows)
+    write_bytes(Path(out_dir) / name, buf.getvalue().encode())

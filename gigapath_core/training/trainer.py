@@ -6,8 +6,13 @@ gradient accumulation, clipping, mixed precision on CUDA, the lr schedule, loggi
 checkpoints and exact resume: a re-run with the same output folder continues after the last checkpoint,
 skipping the micro-batches that checkpoint had already consumed.
 
-Distributed: if ``torch.distributed`` is initialised (``torchrun``), the model is wrapped in DDP and only rank 0
-writes checkpoints and logs.
+Distributed (see :mod:`gigapath_core.training.distributed`): under ``torchrun`` the trainer starts the process
+group (``nccl`` on GPU, ``gloo`` on CPU), wraps the model in DDP on ``cuda:LOCAL_RANK`` (or the CPU), and gives
+rank ``r`` of ``W`` the micro-batches ``r, r + W, ...`` of ``batches(epoch)``, accumulating ``grad_accum / W`` of
+them per optimiser step, so one step sees the same global batch as a single process with ``grad_accum``
+micro-batches (gradients are averaged by DDP; no all-reduce on accumulation micro-batches). Only rank 0 writes
+checkpoints and ``train_log.jsonl`` (the loss it logs is the mean over ranks); every rank resumes from the same
+checkpoint. Jobs whose ``batches`` already yield this rank's share pass ``shard_batches=False``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import is_main_process
 from .optim import TrainConfig, build_optimizer, cosine_schedule
 
 log = logging.getLogger("gigapath")
@@ -34,12 +41,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def is_main_process() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class Trainer:
@@ -54,19 +55,26 @@ class Trainer:
         after_step: called after each optimiser step with (model, step) — e.g. an EMA teacher update.
         extra_state: callable returning a dict of tensors saved with checkpoints (e.g. a DINO centre), and
             ``load_extra`` restoring it.
+        shard_batches: under torchrun, give each rank every ``world_size``-th micro-batch (default); False when
+            the job's ``batches(epoch)`` already yields only this rank's share.
+        find_unused_parameters: passed to DDP (needed when some trainable parameters get no gradient).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, out_dir: str | Path, steps_per_epoch: int,
                  layer_id: Callable[[str], int] | None = None, num_layers: int | None = None,
                  after_step: Callable[[nn.Module, int], None] | None = None,
-                 extra_state: Callable[[], dict] | None = None, load_extra: Callable[[dict], None] | None = None):
+                 extra_state: Callable[[], dict] | None = None, load_extra: Callable[[dict], None] | None = None,
+                 shard_batches: bool = True, find_unused_parameters: bool = False):
         from ..pipeline import resolve_device
 
+        distributed.init_distributed()
         self.cfg, self.out_dir = cfg, Path(out_dir)
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.rank_device(resolve_device(cfg.device))
         self.model = model.to(self.device)
         self.steps_per_epoch = steps_per_epoch
-        self.total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch / cfg.grad_accum) * cfg.epochs)
+        self._plan_ranks(shard_batches)
+        self.total_steps = cfg.max_steps or max(
+            1, math.ceil(self._usable // self._stride / self._accum) * cfg.epochs)
         self.optimizer = build_optimizer(self.model, cfg, layer_id, num_layers)
         self.scheduler = cosine_schedule(self.optimizer, cfg.warmup_steps, self.total_steps,
                                          cfg.min_lr / cfg.lr if cfg.lr else 0.0)
@@ -79,17 +87,36 @@ class Trainer:
         self.step = 0
         self.micro = 0  # micro-batches consumed since the start of training
         self.history: list[dict[str, Any]] = []
-        self.train_model = self._maybe_ddp(self.model)
+        self.train_model = self._maybe_ddp(self.model, find_unused_parameters)
 
-    def _maybe_ddp(self, model: nn.Module) -> nn.Module:
-        import torch.distributed as dist
+    def _plan_ranks(self, shard_batches: bool) -> None:
+        """Micro-batch stride, per-rank accumulation and micro-batches used per epoch (see module docstring)."""
+        world = distributed.get_world_size()
+        self._ddp = world > 1
+        self._stride = world if (self._ddp and shard_batches) else 1
+        self._rank = distributed.get_rank() if self._stride > 1 else 0
+        self._usable = (self.steps_per_epoch // self._stride) * self._stride
+        self._accum = max(1, self.cfg.grad_accum // self._stride) if self._stride > 1 else self.cfg.grad_accum
+        if self._stride > 1 and self.cfg.grad_accum % self._stride:
+            log.warning("grad_accum %d is not a multiple of the %d ranks: each optimiser step sees %d micro-batches "
+                        "(not %d)", self.cfg.grad_accum, world, self._accum * world, self.cfg.grad_accum)
+        if self._usable < self.steps_per_epoch and is_main_process():
+            log.warning("%d micro-batches per epoch over %d ranks: the last %d of each epoch are skipped so every "
+                        "rank runs the same number of steps", self.steps_per_epoch, world,
+                        self.steps_per_epoch - self._usable)
+        if self._usable == 0 and self._stride > 1:
+            from ..errors import ConfigError
 
-        if dist.is_available() and dist.is_initialized():
-            from torch.nn.parallel import DistributedDataParallel as DDP
+            raise ConfigError("train", f"{self.steps_per_epoch} micro-batches per epoch cannot be shared by "
+                                       f"{world} ranks (fewer micro-batches than ranks)")
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            return DDP(model, device_ids=ids)
-        return model
+    def _maybe_ddp(self, model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
+        if not self._ddp:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -130,7 +157,8 @@ class Trainer:
 
         seed_everything(self.cfg.seed)
         self.resume()
-        accum = self.cfg.grad_accum
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 may rotate it
+        accum, stride, per_epoch = self._accum, self._stride, self.steps_per_epoch
         self.train_model.train()
         with make_progress() as progress:
             task = progress.add_task("training", total=self.total_steps, completed=self.step,
@@ -142,19 +170,28 @@ class Trainer:
                 skip = self.micro - epoch * self.steps_per_epoch
                 losses: list[float] = []
                 for i, batch in enumerate(batches(epoch)):
-                    if i < skip:
+                    if i >= self._usable:
+                        break
+                    if i < skip or i % stride != self._rank:
                         continue
-                    with self._autocast():
-                        out = step_fn(self.train_model, batch)
-                    loss = out["loss"]
-                    self.scaler.scale(loss / accum).backward()
+                    j = i // stride  # this rank's micro-batch index in the epoch
+                    end_of_epoch = (j + 1) * stride >= self._usable
+                    will_step = (j + 1) % accum == 0 or end_of_epoch
+                    # DDP: all-reduce gradients only on the micro-batch that ends an accumulation
+                    sync = self.train_model.no_sync() if self._ddp and not will_step else contextlib.nullcontext()
+                    with sync:
+                        with self._autocast():
+                            out = step_fn(self.train_model, batch)
+                        loss = out["loss"]
+                        self.scaler.scale(loss / accum).backward()
                     losses.append(float(loss.detach()))
-                    self.micro += 1
-                    end_of_epoch = i + 1 == self.steps_per_epoch
-                    if self.micro % accum and not end_of_epoch:
+                    # position in global micro-batches (the same on every rank; independent of the world size)
+                    self.micro = epoch * per_epoch + (per_epoch if end_of_epoch else (j + 1) * stride)
+                    if not will_step:
                         continue
                     self._optimizer_step()
-                    row = {"step": self.step, "epoch": epoch, "loss": float(np.mean(losses)),
+                    mean_loss = distributed.all_reduce_mean(np.mean(losses)) if self._ddp else float(np.mean(losses))
+                    row = {"step": self.step, "epoch": epoch, "loss": mean_loss,
                            "lr": self.optimizer.param_groups[0]["lr"],
                            **{k: float(v) for k, v in out.items() if k != "loss" and torch.is_tensor(v) and v.numel() == 1}}
                     losses = []
@@ -169,6 +206,7 @@ class Trainer:
                     self.save()
         if self.cfg.checkpoint_every:
             self.save()
+        distributed.barrier()  # rank 0 has written the last checkpoint before any rank moves on
         return self.history
 
     def _optimizer_step(self) -> None:
