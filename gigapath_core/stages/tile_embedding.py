@@ -1,10 +1,19 @@
-"""Tile-embedding stage: stream tiles through DataLoader workers into a tile encoder, in tile order."""
+"""Tile-embedding stage: stream a slide's tiles through DataLoader workers into a tile encoder, in tile order.
+
+Workers read and decode tiles (each opens its own slide handle) and apply the encoder's input transform while
+the main process runs the model, so I/O hides behind compute (``benchmarks/tile_encoder.py`` measures the
+stage against a bare model loop on pre-decoded tensors). Inference runs under ``torch.inference_mode``;
+bf16 autocast is on by default on CUDA only (on CPUs without bf16 units it is 5-10x slower, issue #4);
+models that declare ``channels_last = True`` (CNNs) get channels-last weights and inputs. Rows of the output
+follow the dataset's coordinate order whatever order batches arrive in. Resuming is per slide: the pipeline
+skips a slide whose ``tile_embeddings.h5`` carries the same config fingerprint.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -14,6 +23,16 @@ from ..errors import SlideReadError
 from ..kinds import TileEncoder
 
 EMBEDDINGS_FILE = "tile_embeddings.h5"
+
+
+def _picklable_transform(transform: Callable[[np.ndarray], torch.Tensor]) -> Callable[[np.ndarray], torch.Tensor]:
+    """A bound ``encoder.transform`` would carry the whole model into spawn/forkserver workers; use the
+    encoder's ``tile_transform`` object instead when it declares one (same function, no weights)."""
+    owner = getattr(transform, "__self__", None)
+    if isinstance(owner, torch.nn.Module) and callable(getattr(owner, "tile_transform", None)):
+        if getattr(transform, "__func__", None) is getattr(type(owner), "transform", None):
+            return owner.tile_transform
+    return transform
 
 
 class TileDataset(Dataset):
@@ -35,7 +54,7 @@ class TileDataset(Dataset):
         self.slide_path, self.reader, self.tiler = slide_path, reader, tiler
         self.coords = np.asarray(coords).reshape(-1, 2)
         self.level, self.read_size, self.tile_size = level, read_size, tile_size
-        self.transform = transform
+        self.transform = _picklable_transform(transform)
         self._wsi = None
 
     def __len__(self) -> int:
@@ -49,6 +68,7 @@ class TileDataset(Dataset):
         return self._wsi
 
     def read(self, i: int) -> np.ndarray:
+        """(tile_size, tile_size, 3) uint8 RGB pixels of tile ``i``."""
         return self.tiler.read_tile(self._open(), self.coords[i], self.level, self.read_size, self.tile_size)
 
     def __getitem__(self, i: int):
@@ -62,12 +82,18 @@ class TileDataset(Dataset):
         state["_wsi"] = None  # slide handles are not picklable; workers reopen
         return state
 
+    def close(self) -> None:
+        if self._wsi is not None:
+            self._wsi.close()
+            self._wsi = None
+
 
 def _collate(batch):
     errors = [(i, e) for _, i, e in batch if e]
+    idx = torch.tensor([i for _, i, _ in batch], dtype=torch.long)
     if errors:
-        return None, torch.tensor([i for _, i, _ in batch]), errors
-    return torch.stack([b[0] for b in batch]), torch.tensor([i for _, i, _ in batch]), []
+        return None, idx, errors
+    return torch.stack([b[0] for b in batch]), idx, []
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -80,42 +106,82 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def use_channels_last(encoder: torch.nn.Module) -> bool:
+    """Whether the encoder asks for channels-last memory format (``channels_last = True``: CNN trunks)."""
+    return bool(getattr(encoder, "channels_last", False))
+
+
 @torch.inference_mode()
-def embed_tiles(encoder: TileEncoder, dataset: TileDataset, *, batch_size: int = 32, num_workers: int = 2,
-                device: torch.device = torch.device("cpu"), precision: str = "auto",
-                on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+def embed_tiles(encoder: TileEncoder, dataset: Dataset, *, batch_size: int = 32, num_workers: int = 2,
+                device: torch.device | str = "cpu", precision: str = "auto",
+                on_batch: Callable[[int], None] | None = None, progress: bool = False) -> np.ndarray:
     """Embed every tile of ``dataset`` in order.
 
+    Args:
+        dataset: a :class:`TileDataset` (or any dataset of ``(image, index, error)`` items).
+        batch_size: tiles per forward pass.
+        num_workers: DataLoader worker processes reading/decoding tiles (0: in the main process).
+        device: where the model runs; precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16`` (autocast).
+        on_batch: called with the number of tiles of each finished batch.
+        progress: show a progress bar (when no ``on_batch`` callback reports progress elsewhere).
     Returns:
         (N, D) float32 tile embeddings; row i belongs to ``dataset.coords[i]``.
     Raises:
-        SlideReadError: a tile could not be read (names the tile and the reason).
+        SlideReadError: a tile could not be read (names the tile, its level-0 position and the reason).
     """
+    device = torch.device(device)
     n = len(dataset)
     out = np.zeros((n, encoder.embed_dim), dtype=np.float32)
     if n == 0:
         return out
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+    workers = min(num_workers, -(-n // batch_size))  # no idle workers for a short slide
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,
-                        prefetch_factor=4 if num_workers else None)
+                        prefetch_factor=4 if workers else None)
+    channels_last = use_channels_last(encoder)
     encoder.to(device).eval()
-    with autocast_context(device, precision):
-        for images, idx, errors in loader:
-            if errors:
-                i, e = errors[0]
-                x, y = dataset.coords[i]
-                raise SlideReadError(dataset.slide_path, f"cannot read tile {i} at level-0 ({x}, {y}): {e}")
-            feats = encoder(images.to(device, non_blocking=True))
-            out[idx.numpy()] = feats.float().cpu().numpy()
-            if on_batch:
-                on_batch(len(idx))
+    if channels_last:
+        encoder.to(memory_format=torch.channels_last)
+    seen = np.zeros(n, dtype=bool)
+    bar = task = None
+    if progress and on_batch is None:
+        from ..progress import make_progress
+
+        bar = make_progress()
+        bar.start()
+        task = bar.add_task("tile embeddings", total=n)
+    try:
+        with autocast_context(device, precision):
+            for images, idx, errors in loader:
+                if errors:
+                    i, e = errors[0]
+                    coords = getattr(dataset, "coords", None)
+                    where = f" at level-0 ({coords[i][0]}, {coords[i][1]})" if coords is not None else ""
+                    raise SlideReadError(getattr(dataset, "slide_path", "?"), f"cannot read tile {i}{where}: {e}")
+                images = images.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                feats = encoder(images)
+                rows = idx.numpy()
+                out[rows] = feats.float().cpu().numpy()
+                seen[rows] = True
+                if on_batch:
+                    on_batch(len(rows))
+                if bar is not None:
+                    bar.advance(task, len(rows))
+    finally:
+        if bar is not None:
+            bar.stop()
+    if not seen.all():  # pragma: no cover - a dataset that skips indices
+        raise RuntimeError(f"tile embedding produced {int(seen.sum())} of {n} rows")
     return out
 
 
 def write_tile_embeddings(path: Path, features: np.ndarray, grid_coords: np.ndarray, level0_coords: np.ndarray,
                           attrs: dict) -> None:
     """``tile_embeddings.h5``: ``features`` (N, D) float32, ``coords`` (N, 2) int64 grid px at 0.5 µm/px
-    (what the slide encoder takes), ``coords_level0`` (N, 2) int64 level-0 px."""
+    (what the slide encoder takes), ``coords_level0`` (N, 2) int64 level-0 px; ``attrs`` become h5 attributes
+    (the pipeline records ``tile_encoder``, ``weights_source``, ``embed_dim``, units and the fingerprint)."""
     from ..store import write_h5
 
     write_h5(path, {"features": features.astype(np.float32),

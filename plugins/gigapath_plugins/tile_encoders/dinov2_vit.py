@@ -1,11 +1,19 @@
-"""DINOv2-style ViT tile encoders on timm: the Prov-GigaPath ViT-g/14 and smaller ViTs (SPEC §2).
+"""DINOv2-style ViT tile encoders on timm: the Prov-GigaPath ViT-g/14 and any other timm ViT (SPEC §2).
 
-Any timm ViT by ``model_name`` + ``model_kwargs``; output is the CLS token (``num_classes=0``).
-Input transform (Prov-GigaPath): Resize(256, bicubic) -> CenterCrop(224) -> ToTensor -> Normalize(ImageNet).
+The ``prov-gigapath`` preset is timm ``vit_giant_patch14_dinov2`` built with ``img_size=224, patch_size=16,
+embed_dim=1536, depth=40, num_heads=24, mlp_ratio=5.33334, init_values=1e-5, num_classes=0``: 1,134,953,984
+parameters, output the 1,536-d CLS token. Input transform (SPEC §2): Resize(256, bicubic) -> CenterCrop(224)
+-> ToTensor -> Normalize(ImageNet mean/std).
+
+Weights: timm's key layout (``blocks.0.attn.qkv.weight``..., as in the ``prov-gigapath/prov-gigapath`` hub
+checkpoint) or this plugin's own (``model.``-prefixed, from ``state_dict()``). timm's ViT checkpoint filter
+converts the original facebookresearch DINOv2 layout and resamples ``pos_embed`` when the checkpoint was
+trained at another image size (logged); a different patch size or any missing/unexpected key is an error.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 import numpy as np
@@ -13,54 +21,114 @@ import torch
 from pydantic import Field
 
 from gigapath_core import hookimpl
+from gigapath_core.errors import WeightsError
 from gigapath_core.kinds import PluginParams, TileEncoder
+from gigapath_core.weights import load_state_dict_strict, strip_prefixes
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ._common import IMAGENET_MEAN, IMAGENET_STD, TileTransform, create_timm_model, log_dropped
+
+log = logging.getLogger("gigapath")
 
 
 class DinoV2ViT(TileEncoder):
-    """timm ViT (DINOv2 family) tile encoder; CLS-token embedding."""
+    """timm ViT (DINOv2 family, Prov-GigaPath ViT-g/14) tile encoder; CLS-token embedding."""
 
     name = "dinov2_vit"
+    channels_last = False  # ViTs gain nothing from channels-last inputs
 
     class Params(PluginParams):
         model_name: str = Field("vit_small_patch14_dinov2", description="timm architecture name")
         model_kwargs: dict[str, Any] = Field(default_factory=dict, description="timm create_model kwargs")
-        img_size: int = Field(224, ge=14, description="model input side after centre crop, px")
-        resize: int = Field(256, ge=14, description="resize shorter side to this before the crop, px")
+        img_size: int = Field(224, ge=14, description="model input side after the centre crop, px")
+        resize: int = Field(256, ge=14, description="resize the shorter side to this before the crop, px")
         interpolation: Literal["bicubic", "bilinear"] = "bicubic"
         mean: tuple[float, float, float] = IMAGENET_MEAN
         std: tuple[float, float, float] = IMAGENET_STD
 
-    def __init__(self, model_name="vit_small_patch14_dinov2", model_kwargs=None, img_size=224, resize=256,
-                 interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, model_name: str = "vit_small_patch14_dinov2", model_kwargs: dict | None = None,
+                 img_size: int = 224, resize: int = 256, interpolation: str = "bicubic",
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
-        import timm
-        from torchvision import transforms as T
-
-        kwargs = {"img_size": img_size, "num_classes": 0, **(model_kwargs or {})}
-        self.model = timm.create_model(model_name, pretrained=False, **kwargs)
+        self.model_name = model_name
+        self.model_args = {"img_size": img_size, "num_classes": 0, **(model_kwargs or {})}
+        self.model = create_timm_model(model_name, **self.model_args)
         self.embed_dim = int(self.model.num_features)
-        mode = T.InterpolationMode.BICUBIC if interpolation == "bicubic" else T.InterpolationMode.BILINEAR
-        self._transform = T.Compose([T.Resize(resize, interpolation=mode), T.CenterCrop(img_size), T.ToTensor(),
-                                     T.Normalize(mean, std)])
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.tile_transform = TileTransform(resize, img_size, mean, std, interpolation)
 
     def transform(self, tile: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB -> (3, img_size, img_size) float32."""
-        from PIL import Image
-
-        return self._transform(Image.fromarray(tile))
+        """(H, W, 3) uint8 RGB -> (3, img_size, img_size) float32 (Resize -> CenterCrop -> Normalize)."""
+        return self.tile_transform(tile)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, img_size, img_size) float32 -> (B, embed_dim) float32 CLS embeddings."""
         return self.model(images)
 
-    def load_weights(self, state_dict, source):
-        """Accept timm-layout keys (``blocks.0...``, as in the Prov-GigaPath hub checkpoint) or ours."""
-        if not any(k.startswith("model.") for k in state_dict):
-            state_dict = {f"model.{k}": v for k, v in state_dict.items()}
-        super().load_weights(state_dict, source)
+    # ------------------------------------------------------------------------------------------ weights
+    def check_config(self, config: dict, source: str) -> None:
+        """Refuse weights whose ``config.json`` describes another architecture (named in the error).
+
+        Raises:
+            WeightsError: a transformers (not timm) folder, another timm architecture, or ``model_args``
+                that differ from this model's (the message gives the params to use instead).
+        """
+        if "architecture" not in config:
+            kind = config.get("model_type") or ", ".join(config.get("architectures", [])) or "unknown"
+            raise WeightsError(f"weights {source}: config.json describes a Hugging Face transformers model "
+                               f"({kind}), not a timm one; {self.name} takes timm-layout weights (use the "
+                               f"model's timm/ release, or convert the keys)")
+        arch = str(config["architecture"]).split(".")[0]
+        theirs = dict(config.get("model_args") or {})
+        theirs.setdefault("num_classes", config.get("num_classes", 0))
+        differ = {k: (v, self.model_args[k]) for k, v in theirs.items()  # img_size: pos_embed is resampled
+                  if k in self.model_args and k != "img_size" and not _same(v, self.model_args[k])}
+        if arch != self.model_name.split(".")[0] or differ:
+            details = "; ".join(f"{k}: weights {a!r} vs model {b!r}" for k, (a, b) in differ.items())
+            suggested = {k: v for k, v in theirs.items() if k not in ("img_size", "num_classes")}
+            raise WeightsError(
+                f"weights {source} were saved from timm {arch!r} ({details or 'model_args ' + str(theirs)}) but "
+                f"this tile encoder is {self.model_name!r} with {self.model_args}; set params model_name: {arch} "
+                f"and model_kwargs: {suggested}")
+        cfg = config.get("pretrained_cfg") or {}
+        for key, ours in (("mean", self.mean), ("std", self.std)):
+            if key in cfg and not _same(list(cfg[key]), list(ours)):
+                log.warning("%s: weights %s were trained with %s=%s but the transform uses %s", self.name, source,
+                            key, cfg[key], ours)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        """Load timm-layout (or ``model.``-prefixed) weights strictly; see the module docstring.
+
+        Raises:
+            WeightsError: missing/unexpected keys by name, a shape mismatch, or another patch size.
+        """
+        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+        if state_dict and all(k.startswith("model.") for k in state_dict):
+            state_dict = strip_prefixes(state_dict, ("model.",))
+        if isinstance(self.model, VisionTransformer):
+            pe = state_dict.get("patch_embed.proj.weight")
+            own = self.model.patch_embed.proj.weight
+            if pe is not None and pe.ndim == 4 and tuple(pe.shape[-2:]) != tuple(own.shape[-2:]):
+                raise WeightsError(f"weights {source} have patch size {tuple(pe.shape[-2:])} but the model has "
+                                   f"{tuple(own.shape[-2:])}: set model_kwargs.patch_size to match the checkpoint")
+            before = state_dict
+            pos = state_dict.get("pos_embed")
+            state_dict = checkpoint_filter_fn(state_dict, self.model)
+            if pos is not None and "pos_embed" in state_dict and pos.shape != state_dict["pos_embed"].shape:
+                log.info("%s: %s: pos_embed resampled from %s to %s for img_size %s", self.name, source,
+                         tuple(pos.shape), tuple(state_dict["pos_embed"].shape), self.model_args["img_size"])
+            log_dropped(self.name, source, [k for k in before if k in ("mask_token",) and k not in state_dict],
+                        "DINOv2 training-only tokens")
+        load_state_dict_strict(self.model, state_dict, source)
+        self.weights_source = source
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)))
+    return a == b
 
 
 @hookimpl

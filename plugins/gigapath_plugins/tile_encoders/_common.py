@@ -1,0 +1,73 @@
+"""Helpers shared by the tile-encoder plugins: published input transforms, timm model creation with
+config-style errors, and logging of checkpoint-layout conversions."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from gigapath_core.errors import ConfigError
+
+log = logging.getLogger("gigapath")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+class TileTransform:
+    """torchvision ``[Resize(resize)] -> [CenterCrop(crop)] -> ToTensor -> Normalize(mean, std)`` applied to a
+    (H, W, 3) uint8 RGB array, returning (3, h, w) float32; ``None`` leaves a step out.
+
+    A small picklable object (DataLoader workers started with spawn/forkserver get a copy of it, not of the
+    model); ``compose`` is the torchvision pipeline itself.
+    """
+
+    def __init__(self, resize: int | None, crop: int | None, mean: Sequence[float], std: Sequence[float],
+                 interpolation: str = "bicubic"):
+        from torchvision import transforms as T
+
+        modes = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+        steps: list[Any] = []
+        if resize:
+            steps.append(T.Resize(resize, interpolation=modes[interpolation]))
+        if crop:
+            steps.append(T.CenterCrop(crop))
+        steps += [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
+        self.compose = T.Compose(steps)
+
+    def __call__(self, tile: np.ndarray) -> torch.Tensor:
+        from PIL import Image
+
+        return self.compose(Image.fromarray(np.ascontiguousarray(tile)))
+
+    def __repr__(self) -> str:
+        return f"TileTransform({self.compose})"
+
+
+def create_timm_model(model_name: str, key: str = "tile_encoder.params", **kwargs: Any) -> torch.nn.Module:
+    """``timm.create_model(model_name, pretrained=False, **kwargs)``.
+
+    Raises:
+        ConfigError: unknown model name (``<key>.model_name``) or kwargs the architecture does not take
+            (``<key>.model_kwargs``).
+    """
+    import timm
+
+    if not timm.is_model(model_name.split(".")[0]):
+        raise ConfigError(f"{key}.model_name", f"timm has no model {model_name!r} (see timm.list_models())")
+    try:
+        return timm.create_model(model_name, pretrained=False, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{key}.model_kwargs", f"{model_name} does not take these arguments: {err}") from None
+
+
+def log_dropped(plugin: str, source: str, dropped: list[str], why: str) -> None:
+    """Log (at INFO) the checkpoint keys a published-layout conversion leaves out on purpose, by name."""
+    if dropped:
+        shown = ", ".join(sorted(dropped)[:6]) + (f" (+{len(dropped) - 6} more)" if len(dropped) > 6 else "")
+        log.info("%s: %s: not loaded (%s): %s", plugin, source, why, shown)
