@@ -11,6 +11,9 @@ from .errors import ConfigError, PluginNotFoundError
 from .plugins import PluginInfo, check_kind, get_plugin_manager
 from .presets import PresetComponent, load_registry, presets_for
 
+#: ``weights_source`` of a model without parameters
+NO_WEIGHTS = "none (no parameters)"
+
 
 def resolve(kind: str, name: str, registry: list[str | Path] = ()) -> tuple[PluginInfo, PresetComponent | None]:
     """Plugin (and preset card, if ``name`` is a preset) for ``name`` of ``kind``.
@@ -74,7 +77,10 @@ def build(kind: str, name: str, *, weights: str | list[str] | None = None, regis
         sources = [weights] if isinstance(weights, str) else list(weights or [])
         if weights is None:
             sources = list(card.weights) if card else []
-        obj.weights_source = load_weights(obj, sources)
+        if next(iter(obj.parameters()), None) is None and not sources:
+            obj.weights_source = NO_WEIGHTS  # e.g. mean pooling: nothing to load, nothing to warn about
+        else:
+            obj.weights_source = load_weights(obj, sources)
         obj.eval()
     return obj
 

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .api import NO_WEIGHTS
 from .config import apply_overrides, load_pipeline_config, load_raw
 from .errors import ConfigError
 
@@ -88,7 +89,8 @@ def run_embed(raw: dict, base: Path, out: str | None, options: dict) -> int:
     try:
         # builds and checks the models where slides will run, before any slide is touched
         for label, name, source in executor.describe_models(cfg):
-            state = "RANDOM weights (not pretrained)" if source == "random" else f"pretrained weights from {source}"
+            state = ("RANDOM weights (not pretrained)" if source == "random" else "no weights (parameter-free)"
+                     if source == NO_WEIGHTS else f"pretrained weights from {source}")
             console.print(f"{label}: [bold]{name}[/] with {state}")
         if shard:
             console.print(f"shard {shard}: {len(slides)} of {len(all_slides)} slides")
