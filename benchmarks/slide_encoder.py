@@ -11,13 +11,16 @@ Each measurement runs in its own child process, so peak RSS (``ru_maxrss``) belo
   dense attention, and dilated attention with the plain-PyTorch ``math`` kernel (the reference's plain
   softmax): medians and ratios. On a machine shared with other jobs these ratios are the numbers to compare;
   absolute seconds are noisy.
+- ``stage``: the pipeline's slide-embedding stage (``run_slide_embedding``: read ``tile_embeddings.h5``,
+  encode, write ``slide_embedding.h5``) on ``--stage-n`` tiles (default: the largest size), fp32.
 - ``rss_fit``: least-squares line of peak RSS against N over the fp32 forwards (slope in MiB per 1,000 tiles and
   R^2: linear growth means R^2 close to 1).
 
 Usage::
 
     python benchmarks/slide_encoder.py [--sizes 1000 3000 10000 30000 70121] [--bf16-max 30000]
-                                       [--dense-max 10000] [--ratio-n 3000] [--repeats 2] [--out result.json]
+                                       [--dense-max 10000] [--ratio-n 3000] [--repeats 2] [--stage-n N]
+                                       [--out result.json]
 
 Prints one JSON object (and writes it to ``--out``). The tiles are random 1,536-d embeddings on a compact
 blob of distinct 256-px cells in row-major order, like a slide's tissue.
@@ -108,6 +111,30 @@ def child(spec: dict) -> dict:
         assert torch.isfinite(out.float()).all()
         return {"n": n, "dtype": spec.get("dtype", "fp32"), "seconds": round(seconds, 2),
                 "rss_before_forward_mib": round(before, 1), "peak_rss_mib": round(peak_rss_mib(), 1)}
+    if kind == "stage":
+        import tempfile
+
+        import numpy as np
+
+        from gigapath_core.stages.slide_embedding import SLIDE_FILE, run_slide_embedding
+        from gigapath_core.stages.tile_embedding import write_tile_embeddings
+        from gigapath_core.store import read_h5
+
+        model = build_model()
+        x, c = slide_inputs(n)
+        with tempfile.TemporaryDirectory() as tmp:
+            coords = c[0].numpy().astype(np.int64)
+            write_tile_embeddings(Path(tmp) / "tile_embeddings.h5", x[0].numpy(), coords, coords, {})
+            del x, c
+            before = rss_mib()
+            t0 = time.perf_counter()
+            run_slide_embedding(model, Path(tmp), "tile_embeddings.h5", {}, device=torch.device("cpu"),
+                                precision="fp32")
+            seconds = time.perf_counter() - t0
+            emb = read_h5(Path(tmp) / SLIDE_FILE)[0]["embedding"]
+        assert emb.shape == (768,) and np.isfinite(emb).all()
+        return {"n": n, "seconds": round(seconds, 2), "rss_before_stage_mib": round(before, 1),
+                "peak_rss_mib": round(peak_rss_mib(), 1)}
     if kind == "ratio":
         model = build_model()
         dense = build_model(dense_n=n)
@@ -166,6 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dense-max", type=int, default=10000, help="largest N of the dense baseline (0: none)")
     parser.add_argument("--ratio-n", type=int, default=3000, help="N of the same-process ratio (0: skip)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the ratio runs")
+    parser.add_argument("--stage-n", type=int, default=None, help="tiles for the stage run (default: largest "
+                                                                   "size; 0: skip)")
+    parser.add_argument("--only", nargs="+", default=None, choices=["build", "ratio", "fp32", "bf16", "dense", "stage"],
+                        help="run only these parts")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child process")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -183,15 +214,23 @@ def main(argv: list[str] | None = None) -> dict:
                     "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "")},
         "note": "each row is a separate process; absolute seconds on a shared machine are noisy, compare ratios",
     }
-    result["build"] = run_child({"kind": "build"}, args.timeout)
-    if args.ratio_n:
+    parts = set(args.only or ["build", "ratio", "fp32", "bf16", "dense", "stage"])
+    stage_n = max(args.sizes) if args.stage_n is None else args.stage_n
+    if "build" in parts:
+        result["build"] = run_child({"kind": "build"}, args.timeout)
+    if "ratio" in parts and args.ratio_n:
         result["ratio"] = run_child({"kind": "ratio", "n": args.ratio_n, "repeats": args.repeats}, args.timeout)
-    result["forward_fp32"] = [run_child({"kind": "forward", "n": n}, args.timeout) for n in args.sizes]
-    result["forward_bf16"] = [run_child({"kind": "forward", "n": n, "dtype": "bf16"}, args.timeout)
-                              for n in args.sizes if n <= args.bf16_max]
-    result["dense_fp32"] = [run_child({"kind": "dense", "n": n}, args.timeout)
-                            for n in args.sizes if n <= args.dense_max]
-    result["rss_fit"] = rss_fit(result["forward_fp32"])
+    if "fp32" in parts:
+        result["forward_fp32"] = [run_child({"kind": "forward", "n": n}, args.timeout) for n in args.sizes]
+        result["rss_fit"] = rss_fit(result["forward_fp32"])
+    if "bf16" in parts:
+        result["forward_bf16"] = [run_child({"kind": "forward", "n": n, "dtype": "bf16"}, args.timeout)
+                                  for n in args.sizes if n <= args.bf16_max]
+    if "dense" in parts:
+        result["dense_fp32"] = [run_child({"kind": "dense", "n": n}, args.timeout)
+                                for n in args.sizes if n <= args.dense_max]
+    if "stage" in parts and stage_n:
+        result["stage"] = run_child({"kind": "stage", "n": stage_n}, args.timeout)
     result["machine"]["loadavg_at_end"] = os.getloadavg()
     text = json.dumps(result, indent=2)
     print(text)

@@ -21,7 +21,8 @@ KEYS = "reference/gigapath_slide_enc12l768d_state_dict_keys.txt"
 
 def released_keys(shared_data):
     rows = [line.split("\t") for line in (shared_data / KEYS).read_text().splitlines() if line.strip()]
-    return [(name, tuple(int(v) for v in shape.strip("()").split(",") if v.strip()), dtype) for name, shape, dtype in rows]
+    return [(name, tuple(int(v) for v in shape.strip("()").split(",") if v.strip()), dtype)
+            for name, shape, dtype in rows]
 
 
 def fixture_weights(keys) -> dict[str, torch.Tensor]:
@@ -126,7 +127,8 @@ def test_parity_float64_case_a(model64, ref):
         # torch builds: float32- vs float64-evaluated GELU alone moves them by 1.5e-6 here. 5e-6 = 2.3e-7 relative.
         assert (states[12] - ref["A_f64_layer11_tokens_out"]).abs().max() < 5e-6
         # the API on two of the four outputs (all four are checked in float32 below) ...
-        for name, kwargs in [("cls_default", {}), ("globalpool_all_layers", {"global_pool": True, "all_layer_embed": True})]:
+        for name, kwargs in [("cls_default", {}),
+                             ("globalpool_all_layers", {"global_pool": True, "all_layer_embed": True})]:
             got = m(x, c, **kwargs)
             want = ref[f"A_f64_{name}"]
             assert got.shape == want.shape and got.dtype == torch.float64

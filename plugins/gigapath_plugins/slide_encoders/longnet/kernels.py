@@ -82,7 +82,8 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch attention with LSE (see module doc); logits in float32 for half inputs, chunked so that
     one chunk holds at most :data:`MATH_CHUNK_ELEMENTS` logits."""
     G, H, nq, d = q.shape

@@ -10,7 +10,6 @@ encoder LayerNorm; the output ``norm`` LayerNorm (eps 1e-6). Module and paramete
 
 from __future__ import annotations
 
-import logging
 from typing import Callable, Literal, Sequence
 
 import numpy as np
@@ -26,8 +25,6 @@ from gigapath_core.kinds import PluginParams, SlideEncoder
 from .dilated_attention import DilatedSelfAttention
 from .kernels import BACKENDS
 from .position import coords_to_cells, position_embedding
-
-log = logging.getLogger("gigapath")
 
 #: dilation ratios of the released model (SPEC §3)
 DEFAULT_DILATED_RATIOS = (1, 2, 4, 8, 16)
@@ -237,8 +234,8 @@ class LongNetSlideEncoder(SlideEncoder):
         nn.init.normal_(self.cls_token, std=0.02)
 
     # ------------------------------------------------------------------------------------------- forward
-    def embed_tokens(self, tile_embeds: torch.Tensor, coords: torch.Tensor,
-                     padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int] | None, torch.Tensor | None]:
+    def embed_tokens(self, tile_embeds: torch.Tensor, coords: torch.Tensor, padding_mask: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, list[int] | None, torch.Tensor | None]:
         """Encoder input: CLS + projected tiles + positions, with each slide's valid tiles moved to the front.
 
         Returns:
@@ -276,8 +273,9 @@ class LongNetSlideEncoder(SlideEncoder):
         cls = self.cls_token.to(x.dtype).expand(B, -1, -1)  # CLS position row is all zeros
         return torch.cat([cls, x], dim=1), lengths, order
 
-    def forward_features(self, tile_embeds: torch.Tensor, coords: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                         all_layers: bool = False, on_layer: Callable[[int, int], None] | None = None):
+    def forward_features(self, tile_embeds: torch.Tensor, coords: torch.Tensor,
+                         padding_mask: torch.Tensor | None = None, all_layers: bool = False,
+                         on_layer: Callable[[int, int], None] | None = None):
         """Token states: ``[final]`` (after ``encoder.layer_norm``) or, with ``all_layers``, depth + 1 states.
 
         Returns:
