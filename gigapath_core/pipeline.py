@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import logging
 import time
 import traceback
@@ -39,6 +40,16 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", f"{name!r} requested but torch sees no CUDA device (use device: cpu or auto)")
     return dev
+
+
+def loader_workers(setting: int | str, device: torch.device) -> int:
+    """DataLoader workers for tile decoding: an explicit number, or ``auto`` = 0 on CPU (decoding in the main
+    process costs less than a worker competing with the model for the cores), min(8, cores - 1) on CUDA."""
+    if setting != "auto":
+        return int(setting)
+    if device.type == "cpu":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
 @dataclass
@@ -205,7 +216,7 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
                         on_tiles(done[0], n)
 
                 feats = embed_tiles(te, ds, batch_size=cfg.tile_encoder.batch_size,
-                                    num_workers=cfg.tile_encoder.num_workers if n > cfg.tile_encoder.batch_size else 0,
+                                    num_workers=loader_workers(cfg.tile_encoder.num_workers, models.device),
                                     device=models.device, precision=cfg.tile_encoder.precision, on_batch=tick)
                 if cfg.save_tile_png:
                     _save_tile_pngs(ds, slide_dir / "tiles", tiles["grid_coords"])

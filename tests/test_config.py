@@ -91,3 +91,22 @@ def test_relative_paths_resolve_against_the_config_file(example_slide, tmp_path)
                                     "tile_encoder": None}))
     assert gp.run(path) == 0
     assert (tmp_path / "cfg" / "out" / "a" / "tiles.h5").is_file()
+
+
+def test_loader_workers_auto_is_zero_on_cpu_and_explicit_values_win():
+    import os
+
+    import torch
+
+    from gigapath_core.pipeline import loader_workers
+
+    assert loader_workers("auto", torch.device("cpu")) == 0
+    assert loader_workers(3, torch.device("cpu")) == 3
+    assert loader_workers("auto", torch.device("cuda")) == max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def test_negative_workers_rejected(example_slide, tmp_path):
+    cfg = _config(example_slide)
+    cfg["tile_encoder"]["num_workers"] = -1
+    with pytest.raises(ConfigError, match=r"^tile_encoder\.num_workers: Value error, must be >= 0 or 'auto'"):
+        gp.run(cfg, out=str(tmp_path))
