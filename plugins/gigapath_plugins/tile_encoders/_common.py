@@ -11,12 +11,29 @@ import numpy as np
 import torch
 
 from gigapath_core.errors import ConfigError
+from gigapath_core.kinds import TileEncoder
 
 log = logging.getLogger("gigapath")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
+
+
+class ModelTileEncoder(TileEncoder):
+    """A tile encoder made of a ``tile_transform`` (a :class:`TileTransform`) and a ``model`` (an nn.Module whose
+    forward gives (B, D) embeddings): the two methods every bundled tile encoder shares."""
+
+    tile_transform: "TileTransform"
+    model: torch.nn.Module
+
+    def transform(self, tile: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (3, h, w) float32 model input (the plugin's published transform)."""
+        return self.tile_transform(tile)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) float32 -> (B, embed_dim) float32 tile embeddings."""
+        return self.model(images)
 
 
 class TileTransform:

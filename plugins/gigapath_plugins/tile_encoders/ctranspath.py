@@ -23,16 +23,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
 
 from gigapath_core import hookimpl
-from gigapath_core.kinds import PluginParams, TileEncoder
+from gigapath_core.kinds import PluginParams
 from gigapath_core.weights import load_state_dict_strict, strip_prefixes
 
-from ._common import IMAGENET_MEAN, IMAGENET_STD, TileTransform, create_timm_model, log_dropped
+from ._common import IMAGENET_MEAN, IMAGENET_STD, ModelTileEncoder, TileTransform, create_timm_model, log_dropped
 
 DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
 
@@ -75,8 +74,12 @@ class ConvStem(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
-class CTransPath(TileEncoder):
-    """CTransPath (conv stem + Swin-T, 768-d; Wang et al. 2022) tile encoder."""
+class CTransPath(ModelTileEncoder):
+    """CTransPath (conv stem + Swin-T, 768-d; Wang et al. 2022) tile encoder.
+
+    transform: (H, W, 3) uint8 RGB -> (3, img_size, img_size) float32 (Resize -> Normalize, ImageNet).
+    forward: (B, 3, img_size, img_size) float32 -> (B, 768) float32 (mean of the final tokens).
+    """
 
     name = "ctranspath"
     channels_last = True  # convolutional stem: 1.04x faster channels-last here (CPU, batch 16; docs/tile_encoders.md)
@@ -96,14 +99,6 @@ class CTransPath(TileEncoder):
         self.embed_dim = int(self.model.num_features)
         crop = img_size if resize != img_size else None
         self.tile_transform = TileTransform(resize, crop, mean, std, interpolation)
-
-    def transform(self, tile: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB -> (3, img_size, img_size) float32 (Resize -> Normalize, ImageNet)."""
-        return self.tile_transform(tile)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, img_size, img_size) float32 -> (B, 768) float32 (mean of the final tokens)."""
-        return self.model(images)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
         """Load the released ``ctranspath.pth`` layout (timm 0.5.4) or the current timm layout, strictly.

@@ -16,22 +16,25 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 
 from gigapath_core import hookimpl
 from gigapath_core.errors import WeightsError
-from gigapath_core.kinds import PluginParams, TileEncoder
+from gigapath_core.kinds import PluginParams
 from gigapath_core.weights import load_state_dict_strict, strip_prefixes
 
-from ._common import IMAGENET_MEAN, IMAGENET_STD, TileTransform, create_timm_model, log_dropped
+from ._common import IMAGENET_MEAN, IMAGENET_STD, ModelTileEncoder, TileTransform, create_timm_model, log_dropped
 
 log = logging.getLogger("gigapath")
 
 
-class DinoV2ViT(TileEncoder):
-    """timm ViT (DINOv2 family, Prov-GigaPath ViT-g/14) tile encoder; CLS-token embedding."""
+class DinoV2ViT(ModelTileEncoder):
+    """timm ViT (DINOv2 family, Prov-GigaPath ViT-g/14) tile encoder; CLS-token embedding.
+
+    transform: (H, W, 3) uint8 RGB -> (3, img_size, img_size) float32 (Resize -> CenterCrop -> Normalize).
+    forward: (B, 3, img_size, img_size) float32 -> (B, embed_dim) float32 CLS embeddings.
+    """
 
     name = "dinov2_vit"
     channels_last = False  # ViTs gain nothing from channels-last inputs
@@ -55,14 +58,6 @@ class DinoV2ViT(TileEncoder):
         self.embed_dim = int(self.model.num_features)
         self.mean, self.std = tuple(mean), tuple(std)
         self.tile_transform = TileTransform(resize, img_size, mean, std, interpolation)
-
-    def transform(self, tile: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB -> (3, img_size, img_size) float32 (Resize -> CenterCrop -> Normalize)."""
-        return self.tile_transform(tile)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, img_size, img_size) float32 -> (B, embed_dim) float32 CLS embeddings."""
-        return self.model(images)
 
     # ------------------------------------------------------------------------------------------ weights
     def check_config(self, config: dict, source: str) -> None:

@@ -21,16 +21,15 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
 from gigapath_core import hookimpl
-from gigapath_core.kinds import PluginParams, TileEncoder
+from gigapath_core.kinds import PluginParams
 from gigapath_core.weights import load_state_dict_strict, strip_prefixes
 
-from ._common import HALF, TileTransform, log_dropped
+from ._common import HALF, ModelTileEncoder, TileTransform, log_dropped
 
 DINO_PREFIXES = ("module.", "backbone.")
 
@@ -91,8 +90,12 @@ def DinoViT(**kwargs):
     return _vit_class()(**kwargs)
 
 
-class HIPTViT256(TileEncoder):
-    """HIPT ViT-256 (DINO ViT-S/16 on 256-px tiles, 384-d; Chen et al. 2022) tile encoder."""
+class HIPTViT256(ModelTileEncoder):
+    """HIPT ViT-256 (DINO ViT-S/16 on 256-px tiles, 384-d; Chen et al. 2022) tile encoder.
+
+    transform: (H, W, 3) uint8 RGB -> (3, img_size, img_size) float32 in [-1, 1] (a no-op resize for 256-px tiles).
+    forward: (B, 3, H, W) float32, H and W multiples of 16 -> (B, 384) float32 CLS embeddings.
+    """
 
     name = "hipt"
     channels_last = False
@@ -109,14 +112,6 @@ class HIPTViT256(TileEncoder):
         self.embed_dim = int(self.model.num_features)
         self.img_size = img_size
         self.tile_transform = TileTransform(img_size, img_size, mean, std)  # resize/crop: no-ops on 256-px tiles
-
-    def transform(self, tile: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB -> (3, img_size, img_size) float32 in [-1, 1] (a no-op resize for 256-px tiles)."""
-        return self.tile_transform(tile)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float32, H and W multiples of 16 -> (B, 384) float32 CLS embeddings."""
-        return self.model(images)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
         """Load ``vit256_small_dino.pth`` (teacher, DINO layout) or a plain timm/own ViT-S/16 state dict.

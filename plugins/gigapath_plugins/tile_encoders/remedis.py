@@ -21,15 +21,14 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 
 from gigapath_core import hookimpl
-from gigapath_core.kinds import PluginParams, TileEncoder
+from gigapath_core.kinds import PluginParams
 from gigapath_core.weights import load_state_dict_strict, strip_prefixes
 
-from ._common import TileTransform, create_timm_model, log_dropped
+from ._common import ModelTileEncoder, TileTransform, create_timm_model, log_dropped
 
 ZERO = (0.0, 0.0, 0.0)
 ONE = (1.0, 1.0, 1.0)
@@ -70,8 +69,12 @@ def bit_to_timm(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return out, left
 
 
-class REMEDIS(TileEncoder):
-    """REMEDIS (BiT ResNet-152x2 trunk, 4,096-d; Azizi et al. 2023) tile encoder."""
+class REMEDIS(ModelTileEncoder):
+    """REMEDIS (BiT ResNet-152x2 trunk, 4,096-d; Azizi et al. 2023) tile encoder.
+
+    transform: (H, W, 3) uint8 RGB -> (3, img_size, img_size) float32 in [0, 1] (by default).
+    forward: (B, 3, H, W) float32 -> (B, 4096) float32 (global average pool of the last stage).
+    """
 
     name = "remedis"
     channels_last = True  # CNN: 1.17x faster channels-last here (CPU, batch 4, after warm-up; docs/tile_encoders.md)
@@ -89,14 +92,6 @@ class REMEDIS(TileEncoder):
         self.model = create_timm_model(model_name, num_classes=0)
         self.embed_dim = int(self.model.num_features)
         self.tile_transform = TileTransform(img_size, img_size, mean, std, interpolation)
-
-    def transform(self, tile: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB -> (3, img_size, img_size) float32 in [0, 1] (by default)."""
-        return self.tile_transform(tile)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float32 -> (B, 4096) float32 (global average pool of the last stage)."""
-        return self.model(images)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
         """Load a timm-layout or BiT-named state dict strictly (classifier left out, logged).
