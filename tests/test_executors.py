@@ -144,7 +144,7 @@ def test_ray_missing_gives_install_hint(monkeypatch):
     from gigapath_core.executors.ray import import_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    with pytest.raises(ConfigError, match=r"pip install 'gigapath\[ray\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'gigapath-core\[ray\]'"):
         import_ray()
 
 

@@ -1,7 +1,7 @@
 """Executors map the per-slide unit of work over slides: ``map(fn, config, slides) -> iterator of rows``.
 
 ``local`` (default) runs in this process, or in a pool of worker processes (``workers: N``); ``ray`` runs on
-a Ray cluster (optional extra ``gigapath[ray]``, imported only when chosen). Both are chosen by
+a Ray cluster (optional extra ``gigapath-core[ray]``, imported only when chosen). Both are chosen by
 ``executor: {name, params}`` in the config or ``--executor``; ``--shard k/N`` slices the slides for job
 arrays. See ``docs/scale_out.md``.
 """

@@ -1,4 +1,4 @@
-"""The Ray executor: a pool of slide-worker actors on a Ray cluster (optional extra ``gigapath[ray]``).
+"""The Ray executor: a pool of slide-worker actors on a Ray cluster (optional extra ``gigapath-core[ray]``).
 
 Each actor builds the models once (on its GPU if ``num_gpus`` > 0; Ray sets ``CUDA_VISIBLE_DEVICES``) and
 processes one slide at a time, reading the slide's tiles itself with DataLoader workers (``num_cpus``), so
@@ -38,7 +38,7 @@ def import_ray():
         import ray
     except ImportError:
         raise ConfigError("executor.name", "the 'ray' executor needs Ray, which is not installed: "
-                                           "pip install 'gigapath[ray]' (or pip install 'ray[default]')") from None
+                                           "pip install 'gigapath-core[ray]' (or pip install 'ray[default]')") from None
     return ray
 
 
