@@ -18,39 +18,39 @@ def _version(pkg: str) -> str:
 
 
 def _weights_offline(sources: list[str]) -> str:
-    """Which source (if any) resolves without the network."""
-    import os
-
+    """Which source (if any) resolves without the network, with the same routine the loader uses
+    (:func:`gigapath_core.weights.resolve_source`, offline only: local files, then the Hugging Face cache)."""
+    from .errors import WeightsError
     from .weights import resolve_source
 
+    reasons = []
     for s in sources:
         if s == "random":
             return "random"
-        if s.startswith("hf_hub:"):
-            try:
-                from huggingface_hub import try_to_load_from_cache
-
-                parts = s[7:].split("/")
-                fname = "/".join(parts[2:]) or "pytorch_model.bin"
-                hit = try_to_load_from_cache("/".join(parts[:2]), fname)
-                if isinstance(hit, str) and os.path.exists(hit):
-                    return f"cached ({s})"
-            except Exception:
-                pass
-            continue
         try:
-            if resolve_source(s) is not None:
-                return f"local ({s})"
-        except Exception:
+            path = resolve_source(s, offline_only=True)
+        except WeightsError as err:
+            reason = str(err).split(";")[0]
+            reasons.append(reason if reason.startswith("hf_hub:") else f"{s}: {reason}")
             continue
-    return "not available offline" if sources else "none declared (random)"
+        return f"{'cached' if s.startswith('hf_hub:') else 'local'} ({s}: {path})"
+    if not sources:
+        return "none declared (random)"
+    return ("not available offline (runs with `weights: random`, as the quick start does): " + " | ".join(reasons))
+
+
+def _reader_status(plugin) -> str:
+    """``usable`` or ``not usable: REASON`` (a reader whose library is missing is listed but cannot open files)."""
+    check = getattr(plugin, "unavailable_reason", None)
+    reason = check() if callable(check) else None
+    return "usable" if not reason else f"not usable: {reason}"
 
 
 def report() -> dict[str, Any]:
     import torch
 
     from . import __version__
-    from .api import list_plugins
+    from .api import build, list_plugins
     from .presets import load_registry
 
     info: dict[str, Any] = {
@@ -59,7 +59,9 @@ def report() -> dict[str, Any]:
         "torch": {"cuda_available": torch.cuda.is_available(),
                   "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                   "threads": torch.get_num_threads()},
-        "slide_readers": {r["name"]: r["package"] for r in list_plugins("slide_reader")},
+        "slide_readers": {r["name"]: {"package": r["package"],
+                                      "status": _reader_status(build("slide_reader", r["name"]))}
+                          for r in list_plugins("slide_reader")},
         "weights": {},
     }
     for name, preset in load_registry().items():

@@ -128,6 +128,11 @@ class SlideReader(Plugin, abc.ABC):
 
     kind: ClassVar[str] = "slide_reader"
 
+    def unavailable_reason(self) -> str | None:
+        """None if this reader can open files here, else why not (e.g. its optional library is missing), with
+        how to install it. ``gigapath doctor`` shows it."""
+        return None
+
     @abc.abstractmethod
     def open(self, path: str) -> WSI:
         """Open ``path``.

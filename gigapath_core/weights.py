@@ -5,7 +5,7 @@ A source string is one of:
 - ``random``: keep the random initialisation (outputs record ``weights_source = "random"`` and the log says so);
 - a local file: ``.safetensors`` (preferred), ``.bin``/``.pth``/``.pt`` (``torch.load(weights_only=True)``,
   memory-mapped when the file allows it) or ``.npz`` (``numpy.load(allow_pickle=False)``); ``~`` and ``$VARS``
-  are expanded; a source naming an unset variable is skipped;
+  are expanded; a source naming an unset variable is reported as such and the next source is tried;
 - a local folder holding ``model.safetensors``, ``pytorch_model.bin`` or ``model.pth``, optionally with the
   ``config.json`` that timm (``architecture``, ``model_args``, ``pretrained_cfg``) or Hugging Face
   transformers (``model_type``, ``architectures``) writes beside its weights (what ``hf download ORG/NAME
@@ -57,21 +57,75 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def hub_download(spec: str) -> Path:
+def _hub_cached(repo_id: str, files: list[str]) -> Path | None:
+    """The first of ``files`` already in the local Hugging Face cache, or None (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub comes with timm
+        return None
+    for filename in files:
+        try:
+            hit = try_to_load_from_cache(repo_id, filename)
+        except Exception:
+            continue
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return Path(hit)
+    return None
+
+
+def hub_reachable(timeout_s: float = 3.0) -> str | None:
+    """None if the hub's host accepts a TCP connection within ``timeout_s``, else why not (offline mode set, no
+    route, DNS failure...). Lets a hub source fail in seconds instead of minutes of HTTP retries (issue #12)."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return "huggingface_hub is not installed"
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as err:
+        return f"{host}:{port} cannot be reached ({type(err).__name__}: {_first_line(err) or 'no answer'})"
+
+
+def _hub_spec(spec: str) -> tuple[str, list[str]]:
+    parts = spec.strip("/").split("/")
+    if len(parts) < 2 or not all(parts[:2]):
+        raise WeightsError(f"hf_hub:{spec}: expected hf_hub:ORG/NAME or hf_hub:ORG/NAME/FILE")
+    return "/".join(parts[:2]), (["/".join(parts[2:])] if len(parts) > 2 else list(HUB_DEFAULT_FILES))
+
+
+def hub_download(spec: str, offline_only: bool = False) -> Path:
     """``ORG/NAME`` or ``ORG/NAME/FILE`` -> local path of the weights file (cache or download).
 
     Tries ``model.safetensors`` then ``pytorch_model.bin`` unless FILE is given; also fetches ``config.json``
     into the same snapshot folder when the repo has one (for :func:`read_config`).
 
+    The local cache is looked at first; when the file is not there and the hub cannot be reached (offline mode,
+    no route: checked with one TCP connection, :func:`hub_reachable`), the error comes at once, without
+    huggingface_hub's minutes of retries. ``offline_only=True`` never touches the network (``gigapath doctor``).
+
     Raises:
         WeightsError: offline and not cached, gated without a token, no such repo or file; the message says
             how to get the file onto this machine.
     """
-    parts = spec.strip("/").split("/")
-    if len(parts) < 2 or not all(parts[:2]):
-        raise WeightsError(f"hf_hub:{spec}: expected hf_hub:ORG/NAME or hf_hub:ORG/NAME/FILE")
-    repo_id = "/".join(parts[:2])
-    files = ["/".join(parts[2:])] if len(parts) > 2 else list(HUB_DEFAULT_FILES)
+    repo_id, files = _hub_spec(spec)
+    how = (f"if the model is gated, accept its licence on https://huggingface.co/{repo_id} and set HF_TOKEN; on "
+           f"an offline machine, download it elsewhere (`hf download {repo_id} {files[0]} config.json --local-dir "
+           f"DIR`), copy it here and set `weights: /path/to/{files[0]}` (or the folder, or $GIGAPATH_WEIGHTS)")
+    cached = _hub_cached(repo_id, files)
+    if cached is not None:
+        return cached
+    why_not = "not looked up (offline check only)" if offline_only else hub_reachable()
+    if why_not is not None:
+        raise WeightsError(f"hf_hub:{repo_id}: {' or '.join(files)} is not in the local Hugging Face cache and the "
+                           f"hub is not used: {why_not}; {how}")
     try:
         from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.errors import (
@@ -83,9 +137,6 @@ def hub_download(spec: str) -> Path:
     except ImportError:  # pragma: no cover - huggingface_hub comes with timm
         raise WeightsError("hf_hub sources need huggingface_hub: pip install huggingface_hub") from None
     token = os.environ.get("HF_TOKEN") or None
-    how = (f"if the model is gated, accept its licence on https://huggingface.co/{repo_id} and set HF_TOKEN; on "
-           f"an offline machine, download it elsewhere (`hf download {repo_id} {files[0]} config.json --local-dir "
-           f"DIR`), copy it here and set `weights: /path/to/{files[0]}` (or the folder)")
     path, reason = None, ""
     for filename in files:
         try:
@@ -112,19 +163,22 @@ def hub_download(spec: str) -> Path:
     return path
 
 
-def resolve_source(source: str) -> Path | None:
-    """Source string -> local weights file, or None for ``random`` / a source naming an unset variable.
+def resolve_source(source: str, offline_only: bool = False) -> Path | None:
+    """Source string -> local weights file, or None for ``random``. The one resolution routine, used by
+    :func:`load_weights` and by ``gigapath doctor`` (with ``offline_only=True``: local files and the hub cache).
 
     Raises:
-        WeightsError: the file or folder does not exist, a folder holds no weights file, or the hub failed.
+        WeightsError: a variable the source names is unset, the file or folder does not exist, a folder holds no
+            weights file, or the hub failed (the message says why and how to get the file).
     """
     if source == "random":
         return None
     if source.startswith("hf_hub:"):
-        return hub_download(source[len("hf_hub:"):])
+        return hub_download(source[len("hf_hub:"):], offline_only=offline_only)
     expanded = _expand(source)
     if expanded is None:
-        return None
+        unset = [n for n in re.findall(r"\$\{?(\w+)\}?", source) if n not in os.environ]
+        raise WeightsError(f"{source}: ${unset[0]} is not set (point it at a folder of downloaded weights)")
     path = Path(expanded)
     if path.is_dir():
         for name in FOLDER_FILES:
@@ -271,8 +325,7 @@ def load_weights(module: nn.Module, sources: list[str]) -> str:
         except WeightsError as err:
             errors.append(str(err))
             continue
-        if path is None:
-            continue
+        assert path is not None
         config = read_config(path)
         if config is not None and hasattr(module, "check_config"):
             module.check_config(config, source)
@@ -280,4 +333,6 @@ def load_weights(module: nn.Module, sources: list[str]) -> str:
         module.load_weights(sd, source)
         log.info("%s: loaded weights from %s (%s)", name, source, path)
         return source
-    raise WeightsError("no weights source worked: " + " | ".join(errors or [f"tried {sources} (unset variables)"]))
+    raise WeightsError(f"no weights source worked for {name} (tried {len(sources)}, in order): "
+                       + " | ".join(f"{i + 1}. {e}" for i, e in enumerate(errors))
+                       + "; or set `weights: random` for a run with random weights")

@@ -1,5 +1,6 @@
-"""Shared fixtures. Real slides come from ``../shared/data`` through the ``shared_data`` fixture only:
-under CI (``CI=true``) a missing folder is a failure, elsewhere the test is skipped with a clear reason."""
+"""Shared fixtures. Real slides come from the repository through the ``shared_data`` fixture: the slides in
+``examples/data/`` and the files in ``tests/data/`` (provenance and licences in ``tests/data/PROVENANCE.md``), laid
+out as ``slides/``, ``bad-slides/``, ``reference/``. ``GIGAPATH_SHARED=DIR`` uses ``DIR/data`` (same layout) instead."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("GIGAPATH_SHARED", ROOT.parent / "shared")) / "data"
+TEST_DATA = ROOT / "tests" / "data"
 EXAMPLE_SLIDE = ROOT / "examples" / "data" / "CMU-1-Small-Region.svs"
 
 os.environ.setdefault("GIGAPATH_PROGRESS", "0")
@@ -17,13 +18,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """``../shared/data`` (slides/, bad-slides/, reference/)."""
-    if not SHARED.is_dir():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true but the shared test data folder is missing: {SHARED}")
-        pytest.skip(f"shared test data not found at {SHARED} (set GIGAPATH_SHARED to its parent folder)")
-    return SHARED
+def shared_data(tmp_path_factory) -> Path:
+    """A folder with ``slides/`` (examples/data + tests/data/slides), ``bad-slides/`` and ``reference/``."""
+    if os.environ.get("GIGAPATH_SHARED"):
+        folder = Path(os.environ["GIGAPATH_SHARED"]) / "data"
+        assert folder.is_dir(), f"GIGAPATH_SHARED is set but {folder} is not a folder"
+        return folder
+    view = tmp_path_factory.mktemp("test-data")
+    (view / "slides").mkdir()
+    for p in sorted((ROOT / "examples" / "data").iterdir()):
+        if p.suffix in (".svs", ".tif", ".tiff"):
+            (view / "slides" / p.name).symlink_to(p)
+    for p in sorted((TEST_DATA / "slides").iterdir()):
+        (view / "slides" / p.name).symlink_to(p, target_is_directory=p.is_dir())
+    for name in ("bad-slides", "reference"):
+        (view / name).symlink_to(TEST_DATA / name, target_is_directory=True)
+    return view
 
 
 @pytest.fixture(scope="session")

@@ -52,10 +52,15 @@ def test_doctor_reports_readers_device_and_offline_weights(tmp_path):
     save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()},
               str(tmp_path / "dinov2-vits14" / "model.safetensors"))
     info = json.loads(_cli("doctor", "--json", env={"GIGAPATH_WEIGHTS": str(tmp_path)}).stdout)
-    assert info["slide_readers"]["openslide"] == "gigapath-plugins"
+    assert info["slide_readers"]["openslide"] == {"package": "gigapath-plugins", "status": "usable"}
+    assert info["slide_readers"]["tiatoolbox"]["status"] == "usable"  # installed by the README's test command
     assert info["torch"]["cuda_available"] == torch.cuda.is_available()
     assert info["weights"]["dinov2-vits14/tile_encoder"].startswith("local (")
-    assert info["weights"]["prov-gigapath/tile_encoder"] == "not available offline"
+    prov = info["weights"]["prov-gigapath/tile_encoder"]
+    assert prov.startswith("not available offline (runs with `weights: random`, as the quick start does)")
+    # every source is named, in the loader's order: $GIGAPATH_WEIGHTS first, then the hub
+    assert prov.index("${GIGAPATH_WEIGHTS}/prov-gigapath/pytorch_model.bin: weights file not found") < prov.index(
+        "| hf_hub:prov-gigapath/prov-gigapath: pytorch_model.bin is not in the local Hugging Face cache")
     # and the preset now loads those weights from the local file by default
     os.environ["GIGAPATH_WEIGHTS"] = str(tmp_path)
     try:
@@ -71,3 +76,32 @@ def test_offline_hub_source_says_how_to_get_the_file(monkeypatch):
     with pytest.raises(WeightsError, match=r"prov-gigapath/prov-gigapath.*HF_TOKEN.*weights: /path/to/pytorch_model\.bin"):
         gp.build("tile_encoder", "dinov2_vit", weights="hf_hub:prov-gigapath/prov-gigapath/pytorch_model.bin",
                  model_kwargs={"depth": 1})
+
+
+def test_doctor_finds_a_cached_model_safetensors(tmp_path):
+    """The hub cache layout huggingface_hub documents (models--ORG--NAME/refs/main, snapshots/<commit>/FILE): a
+    cached model.safetensors counts as offline weights, as the loader prefers it (issue #12 item 2)."""
+    repo = tmp_path / "models--timm--vit_small_patch14_dinov2.lvd142m"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit / "model.safetensors").write_bytes(b"x")
+    env = {"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    env_clean = {k: v for k, v in os.environ.items() if k != "GIGAPATH_WEIGHTS"}
+    proc = subprocess.run([sys.executable, "-m", "gigapath_core.cli", "doctor", "--json"], capture_output=True,
+                          text=True, env={**env_clean, **env})
+    info = json.loads(proc.stdout)
+    assert info["weights"]["dinov2-vits14/tile_encoder"].startswith("cached (hf_hub:timm/vit_small_patch14_dinov2")
+    assert info["weights"]["dinov2-vits14/tile_encoder"].endswith("model.safetensors)")
+
+
+def test_doctor_says_a_reader_is_unusable_when_its_library_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tiatoolbox", None)  # import tiatoolbox -> ImportError
+    monkeypatch.setitem(sys.modules, "tiatoolbox.wsicore", None)
+    monkeypatch.setitem(sys.modules, "tiatoolbox.wsicore.wsireader", None)
+    from gigapath_core.doctor import _reader_status
+
+    status = _reader_status(gp.build("slide_reader", "tiatoolbox"))
+    assert status.startswith("not usable: tiatoolbox is not installed") and "pip install --no-deps tiatoolbox" in status
+    assert _reader_status(gp.build("slide_reader", "openslide")) == "usable"

@@ -168,7 +168,7 @@ def test_unset_variable_skipped_then_next_source(reference, tmp_path, monkeypatc
     monkeypatch.delenv("GIGAPATH_TEST_UNSET", raising=False)
     enc = small(weights=["${GIGAPATH_TEST_UNSET}/w.pth", str(tmp_path / "w.pth")])
     assert enc.weights_source == str(tmp_path / "w.pth")
-    with pytest.raises(WeightsError, match="no weights source worked"):
+    with pytest.raises(WeightsError, match=r"no weights source worked.*GIGAPATH_TEST_UNSET is not set"):
         small(weights=["${GIGAPATH_TEST_UNSET}/w.pth"])
 
 
@@ -215,3 +215,25 @@ def test_random_is_explicit_and_logged(caplog):
         enc = small(weights="random")
     assert enc.weights_source == "random"
     assert "DinoV2ViT: weights: random (not pretrained)" in caplog.text
+
+
+def test_unreachable_hub_fails_in_seconds_listing_every_source(monkeypatch, tmp_path):
+    """No network and no cache: the preset's sources are each named, $GIGAPATH_WEIGHTS first, within seconds
+    (huggingface_hub alone retries for minutes; issue #12 item 3)."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens on loopback
+    monkeypatch.delenv("GIGAPATH_WEIGHTS", raising=False)
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsError) as err:
+        gp.build("tile_encoder", "dinov2-vits14", model_kwargs={"depth": 1})
+    assert time.perf_counter() - t0 < 10
+    msg = str(err.value)
+    assert msg.startswith("no weights source worked for DinoV2ViT (tried 2, in order): 1. ${GIGAPATH_WEIGHTS}/"
+                          "dinov2-vits14/model.safetensors: $GIGAPATH_WEIGHTS is not set")
+    assert "| 2. hf_hub:timm/vit_small_patch14_dinov2.lvd142m: " in msg
+    assert "127.0.0.1:9 cannot be reached" in msg and "weights: random" in msg

@@ -113,6 +113,14 @@ class TiatoolboxReader(SlideReader):
 
     name = "tiatoolbox"
 
+    def unavailable_reason(self) -> str | None:
+        try:
+            with _quiet():
+                from tiatoolbox.wsicore.wsireader import WSIReader  # noqa: F401
+        except ImportError as err:
+            return f"tiatoolbox is not installed or incomplete ({err}); {INSTALL_HINT}"
+        return None
+
     def open(self, path: str) -> WSI:
         return TiatoolboxWSI(path)
 
