@@ -48,6 +48,8 @@ def cmd_plugins(args) -> int:
 
 
 def _plain(rows, cols) -> None:
+    """Tab-separated, with a header row (for scripts: ``--json`` gives the same rows as JSON)."""
+    print("\t".join(cols))
     for r in rows:
         print("\t".join(str(r[c]) for c in cols))
 
@@ -59,10 +61,10 @@ def cmd_presets(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    for r in rows:
-        comps = ", ".join(f"{k}={v['plugin']}" + (f" ({v['embed_dim']}-d)" if v.get("embed_dim") else "")
-                          for k, v in r["components"].items())
-        print(f"{r['name']}\t{comps}\t{r['licence']}")
+    _plain([{"name": r["name"], "licence": r["licence"],
+             "components": ", ".join(f"{k}={v['plugin']}" + (f" ({v['embed_dim']}-d)" if v.get("embed_dim") else "")
+                                     for k, v in r["components"].items())} for r in rows],
+           ["name", "components", "licence"])
     return 0
 
 
@@ -76,6 +78,8 @@ def cmd_doctor(args) -> int:
         for section, items in info.items():
             print(f"[{section}]")
             for k, v in (items.items() if isinstance(items, dict) else enumerate(items)):
+                if isinstance(v, dict):  # slide readers: package and whether it can open files here
+                    v = ", ".join(f"{a}: {b}" for a, b in v.items())
                 print(f"  {k}: {v}")
     return 0
 
@@ -83,12 +87,17 @@ def cmd_doctor(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="gigapath", description="Prov-GigaPath whole-slide pipelines, plugin by plugin.")
+    from .jobs import JOBS
+
+    p = argparse.ArgumentParser(
+        prog="gigapath", description="Prov-GigaPath whole-slide pipelines, plugin by plugin.",
+        epilog=f"jobs a config declares with `job:` (run with `gigapath run CONFIG`): {', '.join(sorted(JOBS))}; "
+               "without `job:` a config is an embed job. Docs: README.md and docs/.")
     p.add_argument("--version", action="version", version=f"gigapath {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (tracebacks of failed slides)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="validate and run a YAML config")
+    r = sub.add_parser("run", help=f"validate and run a YAML config (jobs: {', '.join(sorted(JOBS))})")
     r.add_argument("config", help="pipeline config (YAML)")
     r.add_argument("--out", help="output folder (overrides the config's output)")
     r.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")

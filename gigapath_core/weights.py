@@ -52,8 +52,12 @@ def _expand(source: str) -> str | None:
     return os.path.expanduser(os.path.expandvars(source))
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
+    """First line of an exception's message, without terminal colour codes (torch's unpickler adds them)."""
+    text = _ANSI.sub("", str(err)).strip()
     return text.splitlines()[0] if text else ""
 
 
