@@ -71,6 +71,11 @@ def build(kind: str, name: str, *, weights: str | list[str] | None = None, regis
     """
     info, params, card = validate_params(kind, name, overrides, registry)
     obj = info.cls.from_params(params)
+    declared, made = getattr(card, "embed_dim", None), getattr(obj, "embed_dim", None)
+    if declared and made is not None and int(declared) != int(made) and not overrides:
+        # a card's embed_dim is what `gigapath presets` and the docs show: it must be what the model produces
+        raise ConfigError(f"{kind}.name", f"preset {name!r} declares embed_dim {declared} but its {kind} "
+                                          f"({info.name}) produces {made}-d embeddings; fix the registry entry")
     if hasattr(obj, "load_weights") and hasattr(obj, "state_dict"):
         from .weights import load_weights
 

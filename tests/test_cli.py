@@ -105,3 +105,14 @@ def test_doctor_says_a_reader_is_unusable_when_its_library_is_missing(monkeypatc
     status = _reader_status(gp.build("slide_reader", "tiatoolbox"))
     assert status.startswith("not usable: tiatoolbox is not installed") and "pip install --no-deps tiatoolbox" in status
     assert _reader_status(gp.build("slide_reader", "openslide")) == "usable"
+
+
+def test_card_embed_dim_is_checked_at_build(tmp_path):
+    """A card's declared embed_dim is what `gigapath presets` shows; a card that lies fails at build (issue #12)."""
+    reg = tmp_path / "lying.yaml"
+    reg.write_text("presets:\n  liar:\n    licence: MIT\n    tile_encoder:\n      plugin: dinov2_vit\n"
+                   "      params: {model_name: vit_small_patch14_dinov2, model_kwargs: {depth: 1}}\n"
+                   "      embed_dim: 999\n")
+    with pytest.raises(ConfigError, match=r"^tile_encoder\.name: preset 'liar' declares embed_dim 999 but its "
+                                          r"tile_encoder \(dinov2_vit\) produces 384-d embeddings"):
+        gp.build("tile_encoder", "liar", registry=[reg], weights="random")
