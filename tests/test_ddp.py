@@ -1,6 +1,8 @@
 """Distributed training: the shared Trainer under ``torchrun`` (2 processes, gloo, loopback only) against one
-process with the same global batch: same gradients, same weights after each step, rank-0-only checkpoints and
-log, and a resumed 2-process run that ends where the uninterrupted single-process run ends."""
+process with the same global batch: same gradients, same weights after each step (with dropout: the masks are
+keyed to the global micro-batch), rank-0-only checkpoints and log, a resumed 2-process run that ends where the
+uninterrupted single-process run ends, and a LongNet + ABMIL fine-tune with dropout and drop-path that gives the
+same weights and predictions on 2 ranks as on one process."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from gigapath_core.training import distributed as D
 
 out, epochs = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1))  # masks keyed per micro-batch
 
 def batches(epoch):
     g = torch.Generator().manual_seed(100 + epoch)
