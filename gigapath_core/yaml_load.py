@@ -100,6 +100,6 @@ def load_yaml(text: str, source: str = "<yaml>") -> Any:
     except yaml.YAMLError as err:
         raise ConfigError("", f"{source} is not valid YAML: {str(err).splitlines()[0]}") from None
     except RecursionError:  # PyYAML's composer recurses once per nesting level
-        raise ConfigError("", f"{source}: refused: the YAML nests too deeply") from None
+        raise ConfigError("", f"{source}: refused: the YAML nests too deeply; see docs/promises.md (limits)") from None
     finally:
         loader.dispose()
