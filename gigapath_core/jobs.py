@@ -155,6 +155,7 @@ def output_errors(output: str):
     try:
         yield
     except OSError as err:
-        what = err.strerror or str(err)
-        where = err.filename or output
-        raise ConfigError("output", f"cannot write to the output folder {output} ({where}): {what}") from None
+        if Path(output).exists() and not Path(output).is_dir():
+            raise ConfigError("output", f"{output} exists and is not a folder") from None
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(output) else ""
+        raise ConfigError("output", f"cannot write to the output folder {output}{where}: {err.strerror or err}") from None

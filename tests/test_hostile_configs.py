@@ -163,3 +163,26 @@ def test_relative_weights_path_in_a_yaml_file_loads_from_beside_it(tmp_path, mon
     cfg, _ = load_pipeline_config(raw, (tmp_path / "project"), str(tmp_path / "out"))
     loaded = gp.build("tile_encoder", "dinov2_vit", weights=cfg.tile_encoder.weights, model_kwargs={"depth": 1})
     assert loaded.weights_source == str(tmp_path / "project" / "w.safetensors")
+
+
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "out").write_text("not a folder")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiler_only(SLIDE)))
+    proc = run_cli("run", str(cfg), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"gigapath: error: output: {tmp_path / 'out'} exists and is not a folder"]
+    assert (tmp_path / "out").read_text() == "not a folder"
+
+
+def test_cli_turns_any_other_os_error_into_one_line(monkeypatch, capsys):
+    from gigapath_core import cli, jobs
+
+    def boom(*a, **k):
+        raise PermissionError(13, "Permission denied", "/data/registry.yaml")
+
+    monkeypatch.setattr(jobs, "run", boom)
+    assert cli.main(["run", "x.yaml"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "gigapath: error: [Errno 13] Permission denied: '/data/registry.yaml' (run with -v for the traceback)"]
