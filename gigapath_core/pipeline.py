@@ -145,58 +145,38 @@ def process_slide(cfg: PipelineConfig, slide: SlideInput, on_tiles: Callable[[in
         (another live run holds the slide's lock, :class:`gigapath_core.executors.SlideLock`; nothing written).
     Raises:
         ConfigError: a problem with the config (affects every slide).
+
+    Every filesystem action on the slide (reading its file, the lock, clearing old outputs, the outputs, the
+    marker) is inside this failure boundary: its error fails this slide only, with the action named
+    (``OUT/s1: could not clear old outputs: IsADirectoryError: ...``). The failed marker is written only by
+    the run that holds the slide's lock; a failure before that (an unreadable slide file) is reported in the
+    row alone, leaving the folder as it was.
     """
+    from .executors.slide_lock import SlideLock
+
     t_start = time.perf_counter()
     try:
         slide_dir = checked_slide_dir(cfg.output, slide.slide_id)
     except SlideError as err:  # an unsafe slide id (API callers; configs are checked up front): write nothing
         return _failed_row(slide, str(err), type(err).__name__)
-    step = ["read the slide file"]
+    step, lock = "read the slide file", None
     try:
-        return _process(cfg, slide, slide_dir, t_start, on_tiles, step)
-    except ConfigError:
-        raise
-    except SlideError as err:
-        row = _failed_row(slide, str(err), type(err).__name__)
-    except GigapathError:  # run-wide (e.g. weights that cannot be loaded): the caller stops the run
-        raise
-    except Exception as err:  # a filesystem error around the stages fails this slide only
-        log.debug("slide %s failed:\n%s", slide.slide_id, traceback.format_exc())
-        row = _failed_row(slide, f"{slide_dir}: could not {step[0]}: {type(err).__name__}: {err}", type(err).__name__)
-    row["seconds_total"] = round(time.perf_counter() - t_start, 3)
-    try:
-        write_status(slide_dir, row)
-    except Exception as err:
-        row["reason"] += f"; and the status marker could not be written either: {type(err).__name__}: {err}"
-    return row
-
-
-def _failed_row(slide: SlideInput, reason: str, error_type: str) -> dict:
-    return {"slide_id": slide.slide_id, "slide_path": slide.path, "status": "failed", "reason": reason,
-            "error_type": error_type}
-
-
-def _process(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, t_start: float,
-             on_tiles: Callable[[int, int], None] | None, step: list[str]) -> dict:
-    """process_slide inside its failure boundary; ``step[0]`` names the filesystem action under way."""
-    from .executors.slide_lock import SlideLock
-
-    try:
-        identity = input_identity(slide.path)
-    except OSError as err:
-        raise SlideOpenError(slide.path, f"cannot read the file: {err.strerror or err}") from None
-    fp = fingerprints(cfg, slide, identity)
-    step[0] = "read the earlier status marker"
-    done, redo = _done_row(slide_dir, fp["slide_encoder"], identity)
-    if done is not None:
-        return done
-    step[0] = "take the slide lock"
-    lock = SlideLock(slide_dir)
-    if not lock.acquire():
-        return {"slide_id": slide.slide_id, "slide_path": slide.path, "status": "locked",
-                "reason": f"being processed by another run ({lock.describe_holder()})", "error_type": ""}
-    try:
-        step[0] = "read the earlier status marker"
+        try:
+            identity = input_identity(slide.path)
+        except OSError as err:
+            raise SlideOpenError(slide.path, f"cannot read the file: {err.strerror or err}") from None
+        fp = fingerprints(cfg, slide, identity)
+        step = "read the earlier status marker"
+        done, redo = _done_row(slide_dir, fp["slide_encoder"], identity)
+        if done is not None:
+            return done
+        step = "take the slide lock"
+        candidate = SlideLock(slide_dir)
+        if not candidate.acquire():
+            return {"slide_id": slide.slide_id, "slide_path": slide.path, "status": "locked",
+                    "reason": f"being processed by another run ({candidate.describe_holder()})", "error_type": ""}
+        lock = candidate  # from here on this run owns the slide folder (and writes its marker, even on failure)
+        step = "read the earlier status marker"
         done, redo = _done_row(slide_dir, fp["slide_encoder"], identity)
         if done is not None:  # finished by the run that held the lock
             return done
@@ -205,23 +185,51 @@ def _process(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, t_start: f
                      lock.broke_stale.get("host"), lock.broke_stale.get("pid"))
         if redo:
             log.warning("slide %s: %s", slide.slide_id, redo)
-        step[0] = "clear old outputs"
+        step = "clear old outputs"
         clear_partial_outputs(slide_dir)
-        step[0] = "run the stages"
+        step = "run the stages"
         row = _run_stages(cfg, slide, slide_dir, fp, t_start, on_tiles)
         if redo:
             row["reason"] = "; ".join(r for r in (redo, row["reason"]) if r)
         if row["status"] == "ok":
-            step[0] = "list the outputs"
+            step = "list the outputs"
             row.update(input=identity, outputs=outputs_record(slide_dir, STATUS_FILE))
-        step[0] = "write the status marker"
+        step = "write the status marker"
         write_status(slide_dir, row)
         return row
-    finally:
+    except ConfigError:
+        raise
+    except SlideError as err:
+        return _record_failure(slide_dir, _failed_row(slide, str(err), type(err).__name__), t_start, lock)
+    except GigapathError:  # run-wide (e.g. weights that cannot be loaded): the caller stops the run
+        raise
+    except Exception as err:  # a filesystem error around the stages fails this slide only
+        log.debug("slide %s failed:\n%s", slide.slide_id, traceback.format_exc())
+        row = _failed_row(slide, f"{slide_dir}: could not {step}: {type(err).__name__}: {err}", type(err).__name__)
+        return _record_failure(slide_dir, row, t_start, lock)
+    finally:  # after the failure's marker is written
+        if lock is not None:
+            try:
+                lock.release()
+            except OSError as err:  # the work stands; a lock left behind is stale (dead pid) for the next run
+                log.warning("slide %s: could not remove its lock file: %s", slide.slide_id, err)
+
+
+def _record_failure(slide_dir: Path, row: dict, t_start: float, lock: Any) -> dict:
+    """Finish a failed row; write it as the slide's marker if this run holds the slide's lock (only the
+    holder writes in the folder). If even the marker cannot be written, the row says so."""
+    row["seconds_total"] = round(time.perf_counter() - t_start, 3)
+    if lock is not None:
         try:
-            lock.release()
-        except OSError as err:  # the slide's work stands; a lock left behind is stale (dead pid) for the next run
-            log.warning("slide %s: could not remove its lock file: %s", slide.slide_id, err)
+            write_status(slide_dir, row)
+        except Exception as err:
+            row["reason"] += f"; and the status marker could not be written either: {type(err).__name__}: {err}"
+    return row
+
+
+def _failed_row(slide: SlideInput, reason: str, error_type: str) -> dict:
+    return {"slide_id": slide.slide_id, "slide_path": slide.path, "status": "failed", "reason": reason,
+            "error_type": error_type}
 
 
 def _done_row(slide_dir: Path, final_fp: str, identity: dict) -> tuple[dict | None, str | None]:
