@@ -265,7 +265,8 @@ def _read_manifest(mpath: Path) -> list[dict]:
     except OSError as err:
         raise ConfigError("inputs.manifest", f"cannot read {mpath}: {err.strerror or err}") from None
     if rows and "slide_path" not in rows[0]:
-        raise ConfigError("inputs.manifest", f"{mpath} needs a 'slide_path' column (has {', '.join(map(str, rows[0]))})")
+        has = ", ".join(map(str, rows[0]))
+        raise ConfigError("inputs.manifest", f"{mpath} needs a 'slide_path' column (has {has})")
     return rows
 
 
@@ -326,8 +327,9 @@ def collect_slides(inputs: InputsConfig, base: Path, output: str | Path | None =
                 continue
             if first.slide_id == s.slide_id:
                 raise ConfigError("inputs", f"two slides share slide_id {s.slide_id!r}: {first.path} and {s.path}")
-            raise ConfigError("inputs", f"slide_ids {first.slide_id!r} ({first.path}) and {s.slide_id!r} ({s.path}) differ "
-                                        f"only in letter case or Unicode form: one folder on macOS/Windows file systems")
+            raise ConfigError("inputs", f"slide_ids {first.slide_id!r} ({first.path}) and {s.slide_id!r} ({s.path}) "
+                                        f"differ only in letter case or Unicode form: one folder on macOS/Windows "
+                                        f"file systems")
         seen[k] = s
         unique.append(s)
     if not unique:

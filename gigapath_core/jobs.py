@@ -158,4 +158,5 @@ def output_errors(output: str):
         if Path(output).exists() and not Path(output).is_dir():
             raise ConfigError("output", f"{output} exists and is not a folder") from None
         where = f" ({err.filename})" if err.filename and str(err.filename) != str(output) else ""
-        raise ConfigError("output", f"cannot write to the output folder {output}{where}: {err.strerror or err}") from None
+        what = err.strerror or err
+        raise ConfigError("output", f"cannot write to the output folder {output}{where}: {what}") from None

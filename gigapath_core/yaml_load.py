@@ -45,7 +45,8 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
-def check_budget(root: yaml.Node, source: str = "<yaml>", max_nodes: int = MAX_NODES, max_depth: int = MAX_DEPTH) -> int:
+def check_budget(root: yaml.Node, source: str = "<yaml>", max_nodes: int = MAX_NODES,
+                 max_depth: int = MAX_DEPTH) -> int:
     """Expanded node count of a composed YAML graph (aliases counted once per use).
 
     Raises:

@@ -75,6 +75,27 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subpro
     return subprocess.run([str(GIGAPATH), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
+def run_cli_rusage(*args: str, timeout: float = 60) -> tuple[int, str, int]:
+    """Run the CLI; return ``(exit code, stderr, peak RSS of that one process in KiB)`` (``os.wait4``, so the
+    peak is this child's alone, not the largest of every child the test session started). Killed after
+    ``timeout`` seconds (exit code -9)."""
+    import tempfile
+    import threading
+
+    env = {**os.environ, "GIGAPATH_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([str(GIGAPATH), *args], stdout=subprocess.DEVNULL, stderr=err, env=env)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        return proc.returncode, err.read().decode(errors="replace"), usage.ru_maxrss
+
+
 @contextlib.contextmanager
 def small_tmpfs(where: Path, size: str = "2m") -> Iterator[Path]:
     """A ``size`` tmpfs mounted at ``where`` (root only; the caller skips otherwise); always unmounted."""

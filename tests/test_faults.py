@@ -86,6 +86,16 @@ def test_traversal_id_exits_2_with_one_line(tmp_path):
     assert tree(tmp_path) == before
 
 
+def test_unsafe_id_from_a_file_name_names_the_pattern_and_the_way_out(tmp_path):
+    copy_slide(tmp_path / "in" / " padded.svs")
+    with pytest.raises(ConfigError) as err:
+        gp.run(tiler_only(tmp_path / "in" / "*.svs"), out=str(tmp_path / "out"))
+    assert str(err.value) == ("inputs.slides[0]: slide_id ' padded' has leading or trailing whitespace (from the file "
+                              "name ' padded.svs'; rename it, or give a slide_id in inputs.manifest); see "
+                              "docs/promises.md (slide id rules)")
+    assert not (tmp_path / "out").exists()
+
+
 def test_ids_that_differ_only_in_case_are_one_folder(tmp_path):
     copy_slide(tmp_path / "a.svs")
     copy_slide(tmp_path / "b.svs")

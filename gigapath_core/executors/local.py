@@ -43,8 +43,8 @@ class LocalExecutor(Executor):
     class Params(ExecutorParams):
         workers: StrictInt = Field(1, ge=1, le=1024,
                                    description="slides processed at once; > 1 = a pool of worker processes")
-        threads_per_worker: StrictInt | None = Field(None, ge=1, le=4096,
-                                                     description="torch CPU threads per pool worker (default: cores / workers)")
+        threads_per_worker: StrictInt | None = Field(
+            None, ge=1, le=4096, description="torch CPU threads per pool worker (default: cores / workers)")
         max_retries: StrictInt = Field(2, ge=0, le=100, description="re-runs of a slide whose worker process died")
 
     def __init__(self, workers: int = 1, threads_per_worker: int | None = None, max_retries: int = 2):

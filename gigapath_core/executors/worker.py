@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import traceback
-from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError, GigapathError, SlideError
