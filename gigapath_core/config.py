@@ -231,9 +231,12 @@ def _glob(pattern: Path, key: str, out: Path | None) -> list[Path]:
     if under_out:
         log.warning("%s: left out %d file(s) under the output folder %s (e.g. %s)", key, len(under_out), out,
                     under_out[0])
+    if not found and under_out:
+        raise ConfigError(key, f"every file matching {pattern.name!r} (in {pattern.parent}) is inside the output "
+                               f"folder {out}; gigapath's outputs are not slides: choose an output folder that does "
+                               f"not hold the slides")
     if not found:
-        extra = f" outside the output folder {out}" if under_out else ""
-        raise ConfigError(key, f"no file matches {pattern.name!r}{extra} (looked in {pattern.parent})")
+        raise ConfigError(key, f"no file matches {pattern.name!r} (looked in {pattern.parent})")
     return found
 
 

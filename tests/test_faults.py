@@ -260,6 +260,9 @@ def test_output_folder_inside_the_input_glob_is_never_read_as_slides(tmp_path, c
     assert any("inputs.slides[0]: left out" in r.getMessage() and str(out) in r.getMessage() for r in caplog.records)
     with pytest.raises(ConfigError, match=r"^inputs\.slides\[0\]: .*thumbnail\.png is inside the output folder"):
         gp.run(tiler_only(out / "a" / "thumbnail.png"), out=str(out))
+    with pytest.raises(ConfigError, match=rf"^inputs\.slides\[0\]: every file matching '\*\.svs' \(in {data}\) is "
+                                          rf"inside the output folder {tmp_path}; .*choose an output folder"):
+        gp.run(tiler_only(data / "*.svs"), out=str(tmp_path))  # OUT holds the slides' folder
 
 
 # ---------------------------------------------------------------------------------------- symlink loops

@@ -185,3 +185,10 @@ def test_cli_turns_any_other_os_error_into_one_line(monkeypatch, capsys):
     assert cli.main(["run", "x.yaml"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "gigapath: error: [Errno 13] Permission denied: '/data/registry.yaml' (run with -v for the traceback)"]
+
+
+def test_registry_files_have_the_same_budget(tmp_path):
+    reg = tmp_path / "registry.yaml"
+    reg.write_text("presets:\n  x:\n    " + alias_bomb(9).split("batch_size:\n    ", 1)[1].replace("\n    ", "\n    "))
+    with pytest.raises(ConfigError, match=rf"^registry: {reg}: {BOMB_MSG}"):
+        gp.build("tile_encoder", "x", registry=[reg])
