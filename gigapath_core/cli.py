@@ -131,6 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     except GigapathError as err:
         print(f"gigapath: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a filesystem error outside any slide (the slides' own are recorded per slide)
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        hint = "" if args.verbose else " (run with -v for the traceback)"
+        print(f"gigapath: error: {err}{hint}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("gigapath: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

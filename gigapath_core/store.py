@@ -8,7 +8,9 @@ Layout of a run's output folder::
     OUT/<slide_id>/slide_embedding.h5 embedding (D,) float32 (or (L,D) for all layers)
     OUT/<slide_id>/thumbnail.png     tissue mask outline + kept tiles
     OUT/<slide_id>/tissue.geojson    tissue contours in level-0 px (opens in QuPath)
-    OUT/<slide_id>/status.json       marker written last: {"status": "ok"|"failed", ...}
+    OUT/<slide_id>/status.json       marker written last: {"status": "ok"|"failed", ...}; an ``ok`` marker also
+                                     records the slide file's identity and the outputs it vouches for
+                                     (gigapath_core/markers.py)
 
 Every file is written to a temporary name in the same folder, then renamed (``os.replace``), so a crash
 never leaves a partial file under a final name.
@@ -117,9 +119,10 @@ def read_status(slide_dir: str | Path) -> dict[str, Any] | None:
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        status = json.loads(p.read_text())
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: no marker
         return None
+    return status if isinstance(status, dict) else None
 
 
 def is_done(slide_dir: str | Path) -> bool:
