@@ -27,6 +27,7 @@ from .errors import ConfigError, GigapathError, SlideError
 from .store import read_h5, read_status, write_status
 from .stages.slide_embedding import SLIDE_FILE, run_slide_embedding
 from .stages.tile_embedding import EMBEDDINGS_FILE, TileDataset, embed_tiles, write_tile_embeddings
+from .masks import MaskSpec, mask_identity
 from .stages.tiling import TILES_FILE, open_slide, run_tiling
 
 log = logging.getLogger("gigapath")
@@ -67,9 +68,22 @@ def _stage_dump(stage) -> dict | None:
     return None if stage is None else stage.model_dump()
 
 
+def mask_spec(cfg: PipelineConfig, slide: SlideInput) -> MaskSpec | None:
+    """The slide's annotation mask (file, ``inputs.mask_mode``, ``inputs.mask_exclude``), or None."""
+    if not slide.mask:
+        return None
+    return MaskSpec(slide.mask, cfg.inputs.mask_mode, tuple(cfg.inputs.mask_exclude))
+
+
 def fingerprints(cfg: PipelineConfig, slide: SlideInput) -> dict[str, str]:
-    """Cumulative config fingerprints of the tiling, tile-embedding and slide-embedding stages."""
-    parts = {"tiling": [cfg.tiler.model_dump(), slide.mpp, cfg.readers],
+    """Cumulative config fingerprints of the tiling, tile-embedding and slide-embedding stages.
+
+    The tiling part includes the annotation mask's identity (path, content sha256, mode, exclude patterns):
+    a changed mask file re-tiles the slide (and redoes the later stages)."""
+    tiling = [cfg.tiler.model_dump(), slide.mpp, cfg.readers]
+    if slide.mask:
+        tiling.append(mask_identity(mask_spec(cfg, slide)))
+    parts = {"tiling": tiling,
              "tile_encoder": [_stage_dump(cfg.tile_encoder)], "slide_encoder": [_stage_dump(cfg.slide_encoder)]}
     out, acc = {}, []
     for k, v in parts.items():
@@ -194,7 +208,8 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
             if _stage_ok(slide_dir / TILES_FILE, fp["tiling"]):
                 tiles, tattrs = read_h5(slide_dir / TILES_FILE)
             else:
-                run_tiling(models.tiler, wsi, slide_dir, mpp, {**common, "fingerprint": fp["tiling"]})
+                run_tiling(models.tiler, wsi, slide_dir, mpp, {**common, "fingerprint": fp["tiling"]},
+                           mask=mask_spec(cfg, slide))
                 tiles, tattrs = read_h5(slide_dir / TILES_FILE)
         n = len(tiles["coords"])
         row["n_tiles"] = n
