@@ -123,6 +123,14 @@ class WSI(abc.ABC):
             img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
         return img
 
+    def thumbnail_cost(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(level, pixels decoded) to make a thumbnail of ``size`` (w, h): by default the whole of
+        :func:`thumbnail_level`. A reader that decodes less (JPEG shrink-on-load) overrides it. The tiler
+        compares the pixels with its ``max_decode_mpx`` budget before calling :meth:`thumbnail`."""
+        level = thumbnail_level(self.level_dimensions, size)
+        w, h = self.level_dimensions[level]
+        return level, int(w) * int(h)
+
     @property
     def properties(self) -> dict[str, str]:
         """Raw metadata (vendor properties), for the record."""

@@ -155,3 +155,25 @@ def test_specks_dropped_on_cmu(tmp_path, example_slide):
     np.testing.assert_array_equal(raw.coords, cleaned.coords)
     assert cleaned.tissue_mask.sum() < raw.tissue_mask.sum()
     assert not (cleaned.tissue_mask & ~raw.tissue_mask).any()  # only removes
+
+
+def test_jpeg_thumbnail_uses_shrink_on_load(tmp_path, example_slide):
+    """A plain JPEG has one level; libvips decodes it at 1/4 scale for a 1,024-px thumbnail (16x fewer px), the
+    tiler's budget counts that, and the thumbnail matches a box downsample of the full image."""
+    from PIL import Image
+
+    with open_slide(str(example_slide), ["openslide"]) as wsi:
+        full = Image.fromarray(wsi.read_region((0, 0), 0, (2220, 2967))).resize((4440, 5934))
+    full.save(tmp_path / "big.jpg", quality=92)
+    wsi = build("slide_reader", "pyvips").open(str(tmp_path / "big.jpg"))
+    assert wsi.level_dimensions == [(4440, 5934)]
+    assert wsi.thumbnail_cost((766, 1024)) == (0, 4440 * 5934 // 16)
+    thumb = wsi.thumbnail(1024)
+    ref = np.asarray(full.resize((766, 1024), Image.Resampling.BOX)).astype(np.float32)
+    assert thumb.shape == (1024, 766, 3) and np.abs(thumb - ref).mean() < 4
+    # 26 Mpx in the file, 1.6 Mpx decoded: a 5-Mpx budget passes (mpp given: a JPEG has none)
+    grid = build("tiler", "otsu", max_decode_mpx=5).tile(wsi, (0.2495, 0.2495))
+    assert grid.info["thumbnail_decode_px"] == 4440 * 5934 // 16 and len(grid) > 0
+    with pytest.raises(PixelBudgetError, match=r"= 26 Mpx \(after shrink-on-load: 2 Mpx\), over the decode budget "
+                                               r"of 1 Mpx"):
+        build("tiler", "otsu", max_decode_mpx=1).tile(wsi, (0.2495, 0.2495))

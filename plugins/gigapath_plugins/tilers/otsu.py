@@ -35,7 +35,7 @@ from pydantic import Field
 
 from gigapath_core import hookimpl
 from gigapath_core.errors import PixelBudgetError
-from gigapath_core.kinds import WSI, PluginParams, Tiler, TileGrid, thumbnail_level, thumbnail_size
+from gigapath_core.kinds import WSI, PluginParams, Tiler, TileGrid, thumbnail_size
 from gigapath_core.units import MPP_RANGE, best_level_for_mpp, check_mpp, grid_index_to_grid_px, grid_index_to_level0
 
 
@@ -126,18 +126,19 @@ def mask_long_side(level0: tuple[int, int], side0: tuple[float, float], thumbnai
 
 
 def check_decode_budget(wsi: WSI, size: tuple[int, int], max_decode_mpx: float) -> tuple[int, int]:
-    """(level, pixels) a thumbnail of ``size`` decodes; raises PixelBudgetError when over ``max_decode_mpx``."""
+    """(level, pixels) a thumbnail of ``size`` decodes (``WSI.thumbnail_cost``); raises PixelBudgetError when
+    over ``max_decode_mpx``."""
     dims = wsi.level_dimensions
-    level = thumbnail_level(dims, size)
+    level, px = wsi.thumbnail_cost(size)
     w, h = dims[level]
-    px = int(w) * int(h)
     if px > max_decode_mpx * 1e6:
         pyramid = "its only level" if len(dims) == 1 else f"its smallest level big enough (level {level} of {len(dims)})"
+        shrunk = "" if px >= int(w) * int(h) else f" (after shrink-on-load: {px / 1e6:,.0f} Mpx)"
         raise PixelBudgetError(
             wsi.path, f"the {size[0]} x {size[1]} px mask thumbnail would decode {pyramid}, {w:,} x {h:,} px = "
-                      f"{px / 1e6:,.0f} Mpx, over the decode budget of {max_decode_mpx:,.0f} Mpx "
-                      "(tiler.params.max_decode_mpx); convert the file to a pyramidal TIFF (e.g. vips tiffsave IN "
-                      "OUT.tif --tile --pyramid --compression jpeg) or raise the budget")
+                      f"{int(w) * int(h) / 1e6:,.0f} Mpx{shrunk}, over the decode budget of {max_decode_mpx:,.0f} "
+                      "Mpx (tiler.params.max_decode_mpx); convert the file to a pyramidal TIFF (e.g. vips tiffsave "
+                      "IN OUT.tif --tile --pyramid --compression jpeg) or raise the budget")
     return level, px
 
 
