@@ -169,6 +169,9 @@ def load_mask(spec: MaskSpec, slide_path: str, level0_size: tuple[int, int]) -> 
     def fail(msg: str) -> MaskError:
         return MaskError(slide_path, spec.path, msg)
 
+    if spec.mode not in MASK_MODES:  # a caller bug: the config validates inputs.mask_mode
+        raise ValueError(f"mask mode must be one of {MASK_MODES}, got {spec.mode!r}")
+
     try:
         raw = Path(spec.path).read_bytes()
     except FileNotFoundError:

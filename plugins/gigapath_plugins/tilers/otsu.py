@@ -245,8 +245,12 @@ class OtsuTiler(Tiler):
         mode = "none"
         if annotations is not None:
             mode = annotations.mode
-            if mode == "replace":
-                occ = region_occupancy(annotations.region, n_cols, n_rows, side0, None)
+            if mode == "replace":  # only cells within the region's bounding box can be inside it
+                bx0, by0, bx1, by1 = annotations.region.bounds
+                near = np.zeros((n_rows, n_cols), bool)
+                near[max(0, int(by0 // side0[1])):int(by1 // side0[1]) + 1,
+                     max(0, int(bx0 // side0[0])):int(bx1 // side0[0]) + 1] = True
+                occ = region_occupancy(annotations.region, n_cols, n_rows, side0, near)
             else:
                 occ = region_occupancy(annotations.region, n_cols, n_rows, side0, occ >= p.min_occupancy,
                                        tissue=mask, mask_ds=ds, tissue_occ=occ)
