@@ -216,14 +216,14 @@ def _rows(out: Path) -> dict[str, dict]:
         return {r["slide_id"]: r for r in csv.DictReader(f)}
 
 
-def test_pipeline_masks_folder_bad_mask_fails_that_slide_and_change_retiles(tmp_path, example_slide, shared_data):
+def test_pipeline_masks_folder_bad_mask_fails_that_slide_and_change_retiles(tmp_path, example_slide):
     """inputs.masks folder: CMU's mask is used (tiles.h5 records it); OS-1's mask is not JSON: that slide fails
     with MaskError naming the file, CMU finishes; editing CMU's mask re-tiles it, an unchanged re-run skips."""
     masks = tmp_path / "masks"
     masks.mkdir()
     write(masks / "CMU-1-Small-Region.geojson", qupath_export())
     write(masks / "OS-1-detail.geojson", "<xml/>")
-    cfg = {"inputs": {"slides": [str(example_slide), str(shared_data / "slides" / "OS-1-detail.ome.tif")],
+    cfg = {"inputs": {"slides": [str(example_slide), str(example_slide.parent / "OS-1-detail.ome.tif")],
                       "masks": str(masks)}}
     out = tmp_path / "out"
     assert gp.run(cfg, out=str(out)) == 1
