@@ -71,8 +71,17 @@ class SlideEncoderStage(StageConfig):
 
 class InputsConfig(Strict):
     slides: list[str] = Field(default_factory=list, description="slide paths or glob patterns")
-    manifest: str | None = Field(None, description="CSV with column slide_path (+ optional slide_id, slide_mpp)")
+    manifest: str | None = Field(None, description="CSV with column slide_path (+ optional slide_id, slide_mpp, "
+                                                   "mask)")
     mpp: float | None = Field(None, gt=0, description="level-0 mpp override for every slide (µm/px)")
+    masks: str | None = Field(None, description="folder of QuPath GeoJSON annotation masks, <slide_id>.geojson "
+                                                "(a manifest 'mask' cell wins); docs/slides.md")
+    mask_mode: Literal["intersect", "replace"] = Field(
+        "intersect", description="intersect: tissue inside the annotations; replace: the annotations instead of "
+                                 "the tissue mask")
+    mask_exclude: list[str] = Field(["Ignore*", "Pen*", "Artefact*", "Artifact*"],
+                                    description="classification names (fnmatch, case-insensitive) cut out of the "
+                                                "mask")
 
 
 class ExecutorConfig(Strict):
@@ -109,6 +118,7 @@ class SlideInput(Strict):
     slide_id: str
     path: str
     mpp: float | None = None
+    mask: str | None = Field(None, description="QuPath GeoJSON annotation mask (absolute path), or None")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -299,6 +309,12 @@ def collect_slides(inputs: InputsConfig, base: Path, output: str | Path | None =
             matches = [p]
         slides += [SlideInput(slide_id=_checked_id(_slide_id(m), key, m, False), path=_slide_path(m), mpp=inputs.mpp)
                    for m in matches]
+    mask_dir = None
+    if inputs.masks:
+        mask_dir = Path(inputs.masks).expanduser()
+        mask_dir = mask_dir if mask_dir.is_absolute() else base / mask_dir
+        if not mask_dir.is_dir():
+            raise ConfigError("inputs.masks", f"not a folder: {mask_dir} (expected a folder of <slide_id>.geojson)")
     if inputs.manifest:
         mpath = Path(inputs.manifest).expanduser()
         mpath = mpath if mpath.is_absolute() else base / mpath
@@ -319,7 +335,11 @@ def collect_slides(inputs: InputsConfig, base: Path, output: str | Path | None =
             named = row.get("slide_id") is not None and row.get("slide_id") != ""
             sid = row["slide_id"] if named else _slide_id(sp)
             sid = _checked_id(sid, f"{key}.slide_id" if named else key, sp, named)
-            slides.append(SlideInput(slide_id=sid, path=_slide_path(sp), mpp=mpp_value))
+            mask = (row.get("mask") or "").strip() or None
+            if mask:
+                mp = Path(mask).expanduser()
+                mask = str((mp if mp.is_absolute() else mpath.parent / mp).resolve())
+            slides.append(SlideInput(slide_id=sid, path=_slide_path(sp), mpp=mpp_value, mask=mask))
     seen: dict[str, SlideInput] = {}
     unique = []
     for s in slides:
@@ -337,6 +357,10 @@ def collect_slides(inputs: InputsConfig, base: Path, output: str | Path | None =
         unique.append(s)
     if not unique:
         raise ConfigError("inputs", "no slides given (inputs.slides or inputs.manifest)")
+    if mask_dir is not None:  # a slide without its file fails alone (MaskError "file not found"), not the run
+        for s in unique:
+            if s.mask is None:
+                s.mask = str((mask_dir / f"{s.slide_id}.geojson").resolve())
     return unique
 
 

@@ -32,6 +32,7 @@ from .slide_ids import slide_dir as checked_slide_dir
 from .store import STATUS_FILE, read_h5, read_status, write_status
 from .stages.slide_embedding import SLIDE_FILE, run_slide_embedding
 from .stages.tile_embedding import EMBEDDINGS_FILE, TileDataset, embed_tiles, write_tile_embeddings
+from .masks import MaskSpec, mask_identity
 from .stages.tiling import TILES_FILE, open_slide, run_tiling
 
 log = logging.getLogger("gigapath")
@@ -80,11 +81,33 @@ def _stage_dump(stage) -> dict | None:
     return None if stage is None else stage.model_dump()
 
 
+def mask_spec(cfg: PipelineConfig, slide: SlideInput) -> MaskSpec | None:
+    """The slide's annotation mask (file, ``inputs.mask_mode``, ``inputs.mask_exclude``), or None."""
+    if not slide.mask:
+        return None
+    return MaskSpec(slide.mask, cfg.inputs.mask_mode, tuple(cfg.inputs.mask_exclude))
+
+
+def _tiler_params(cfg: PipelineConfig) -> dict:
+    """The tiler's parameters with every default filled in, so a changed default re-tiles old outputs."""
+    from .api import validate_params
+
+    try:
+        return validate_params("tiler", cfg.tiler.name, cfg.tiler.params, cfg.registry)[1].model_dump()
+    except Exception:  # validated before the run starts; keep the fingerprint total anyway
+        return cfg.tiler.model_dump()
+
+
 def fingerprints(cfg: PipelineConfig, slide: SlideInput, identity: dict | None = None) -> dict[str, str]:
-    """Cumulative fingerprints of the tiling, tile-embedding and slide-embedding stages: the config, and the
-    slide file's identity (:func:`gigapath_core.markers.input_identity`) when given."""
+    """Cumulative fingerprints of the tiling, tile-embedding and slide-embedding stages: the config (tiler
+    parameters with their defaults), the slide file's identity (:func:`gigapath_core.markers.input_identity`)
+    when given, and the annotation mask's identity (path, content sha256, mode, exclude patterns): a changed
+    slide or mask file re-tiles the slide (and redoes the later stages)."""
     source = [identity_key(identity)] if identity else []
-    parts = {"tiling": [cfg.tiler.model_dump(), slide.mpp, cfg.readers, *source],
+    tiling = [cfg.tiler.name, _tiler_params(cfg), slide.mpp, cfg.readers, *source]
+    if slide.mask:
+        tiling.append(mask_identity(mask_spec(cfg, slide)))
+    parts = {"tiling": tiling,
              "tile_encoder": [_stage_dump(cfg.tile_encoder)], "slide_encoder": [_stage_dump(cfg.slide_encoder)]}
     out, acc = {}, []
     for k, v in parts.items():
@@ -275,7 +298,8 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
             if _stage_ok(slide_dir / TILES_FILE, fp["tiling"]):
                 tiles, tattrs = read_h5(slide_dir / TILES_FILE)
             else:
-                run_tiling(models.tiler, wsi, slide_dir, mpp, {**common, "fingerprint": fp["tiling"]})
+                run_tiling(models.tiler, wsi, slide_dir, mpp, {**common, "fingerprint": fp["tiling"]},
+                           mask=mask_spec(cfg, slide))
                 tiles, tattrs = read_h5(slide_dir / TILES_FILE)
         n = len(tiles["coords"])
         row["n_tiles"] = n
