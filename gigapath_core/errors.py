@@ -60,3 +60,8 @@ class ImplausibleMppError(SlideError):
 
 class SlideReadError(SlideError):
     """Pixels could not be decoded (corrupt tile, truncated file)."""
+
+
+class FeatureFileError(SlideError):
+    """A tile-feature file is unreadable or inconsistent (missing datasets, row counts that disagree,
+    non-finite values); ``path`` is the feature file."""

@@ -24,7 +24,8 @@ import torch
 from . import __version__
 from .config import PipelineConfig, SlideInput
 from .errors import ConfigError, GigapathError, SlideError
-from .store import read_h5, read_status, write_status
+from .interop import FORMAT_VERSION
+from .store import read_dataset_attrs, read_h5, read_status, write_status
 from .stages.slide_embedding import SLIDE_FILE, run_slide_embedding
 from .stages.tile_embedding import EMBEDDINGS_FILE, TileDataset, embed_tiles, write_tile_embeddings
 from .stages.tiling import TILES_FILE, open_slide, run_tiling
@@ -111,12 +112,15 @@ def get_models(cfg: PipelineConfig) -> Models:
 
 
 def _stage_ok(path: Path, fingerprint: str) -> bool:
+    """A stage output can be reused: same config fingerprint and the current coordinate contract (an output
+    of format version 1, written before issue #17, is redone)."""
     if not path.is_file():
         return False
     try:
-        return read_h5(path)[1].get("fingerprint") == fingerprint
+        attrs = read_h5(path)[1]
     except Exception:
         return False
+    return attrs.get("fingerprint") == fingerprint and int(attrs.get("format_version", 1)) == FORMAT_VERSION
 
 
 def process_slide(cfg: PipelineConfig, slide: SlideInput, on_tiles: Callable[[int, int], None] | None = None) -> dict:
@@ -220,11 +224,15 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
                                     device=models.device, precision=cfg.tile_encoder.precision, on_batch=tick)
                 if cfg.save_tile_png:
                     _save_tile_pngs(ds, slide_dir / "tiles", tiles["grid_coords"])
-                write_tile_embeddings(slide_dir / EMBEDDINGS_FILE, feats, tiles["grid_coords"], tiles["coords"],
+                tile_dattrs = read_dataset_attrs(slide_dir / TILES_FILE)
+                write_tile_embeddings(slide_dir / EMBEDDINGS_FILE, feats, tiles["coords"], tiles["grid_coords"],
                                       {**common, "fingerprint": fp["tile_encoder"], "tile_encoder": cfg.tile_encoder.name,
                                        "weights_source": te.weights_source, "embed_dim": int(te.embed_dim),
-                                       "coords_unit": f"grid px at {float(tattrs['target_mpp'])} um/px",
-                                       "coords_level0_unit": "level-0 px", "reader": row["reader"]})
+                                       "coords_unit": "level-0 px (top-left corner)",
+                                       "grid_coords_unit": f"px at {float(tattrs['target_mpp'])} um/px",
+                                       "tile_size": int(tattrs["tile_size"]), "target_mpp": float(tattrs["target_mpp"]),
+                                       "reader": row["reader"]},
+                                      {k: tile_dattrs[k] for k in ("coords", "grid_coords")})
             row["seconds_tile_encoder"] = round(time.perf_counter() - t0, 3)
         se = models.slide_encoder
         if se is not None and n > 0:
