@@ -26,7 +26,7 @@ from .config import PipelineConfig, SlideInput
 from .errors import ConfigError, GigapathError, SlideError
 from .interop import FORMAT_VERSION
 from .store import read_dataset_attrs, read_h5, read_status, write_status
-from .stages.slide_embedding import SLIDE_FILE, run_slide_embedding
+from .stages.slide_embedding import SLIDE_FILE, embed_tile_features, run_slide_embedding
 from .stages.tile_embedding import EMBEDDINGS_FILE, TileDataset, embed_tiles, write_tile_embeddings
 from .stages.tiling import TILES_FILE, open_slide, run_tiling
 
@@ -70,7 +70,10 @@ def _stage_dump(stage) -> dict | None:
 
 def fingerprints(cfg: PipelineConfig, slide: SlideInput) -> dict[str, str]:
     """Cumulative config fingerprints of the tiling, tile-embedding and slide-embedding stages."""
-    parts = {"tiling": [cfg.tiler.model_dump(), slide.mpp, cfg.readers],
+    tiling = [cfg.tiler.model_dump(), slide.mpp, cfg.readers]
+    if cfg.inputs.features:  # no tiling: the stage input is the feature file read with these units
+        tiling = [slide.path, slide.mpp, cfg.inputs.coords_unit, cfg.inputs.tile_size]
+    parts = {"tiling": tiling,
              "tile_encoder": [_stage_dump(cfg.tile_encoder)], "slide_encoder": [_stage_dump(cfg.slide_encoder)]}
     out, acc = {}, []
     for k, v in parts.items():
@@ -191,6 +194,8 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
     models = get_models(cfg)
     mpp = (slide.mpp, slide.mpp) if slide.mpp else None
     common = {"slide_id": slide.slide_id, "slide_path": slide.path, "gigapath_version": __version__}
+    if cfg.inputs.features:
+        return _run_on_features(cfg, slide, slide_dir, fp, t_start, row, models, common)
     try:
         t0 = time.perf_counter()
         with open_slide(slide.path, cfg.readers) as wsi:
@@ -249,6 +254,39 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
     except GigapathError as err:
         row.update(reason=str(err), error_type=type(err).__name__)
     except Exception as err:  # an unexpected failure fails this slide only; keep the traceback in the log
+        log.debug("slide %s failed:\n%s", slide.slide_id, traceback.format_exc())
+        row.update(reason=f"{slide.path}: unexpected {type(err).__name__}: {err}", error_type=type(err).__name__)
+    row["seconds_total"] = round(time.perf_counter() - t_start, 3)
+    write_status(slide_dir, row)
+    return row
+
+
+def _run_on_features(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dict[str, str], t_start: float,
+                     row: dict, models: Models, common: dict) -> dict:
+    """``inputs.features``: slide-encode an existing tile-feature file (``slide.path``, any supported tool's
+    layout) without tiling; writes ``slide_embedding.h5`` and ``status.json`` as the full pipeline does."""
+    from .interop import read_tile_features
+
+    se = models.slide_encoder
+    try:
+        t0 = time.perf_counter()
+        tf = read_tile_features(slide.path, level0_mpp=slide.mpp, coords_unit=cfg.inputs.coords_unit,
+                                tile_size=cfg.inputs.tile_size, key_prefix="inputs.")
+        row.update(n_tiles=len(tf), reader=f"features:{tf.source_format}", weights=f"slide_encoder={se.weights_source}")
+        if len(tf) == 0:
+            row["reason"] = "zero tiles in the feature file"
+        else:
+            embed_tile_features(se, tf, slide_dir,
+                                {**common, "fingerprint": fp["slide_encoder"], "slide_encoder": cfg.slide_encoder.name,
+                                 "weights_source": se.weights_source, "embed_dim": int(se.embed_dim)},
+                                device=models.device, precision=cfg.slide_encoder.precision)
+        row["seconds_slide_encoder"] = round(time.perf_counter() - t0, 3)
+        row["status"] = "ok"
+    except ConfigError:
+        raise
+    except GigapathError as err:
+        row.update(reason=str(err), error_type=type(err).__name__)
+    except Exception as err:  # an unexpected failure fails this slide only
         log.debug("slide %s failed:\n%s", slide.slide_id, traceback.format_exc())
         row.update(reason=f"{slide.path}: unexpected {type(err).__name__}: {err}", error_type=type(err).__name__)
     row["seconds_total"] = round(time.perf_counter() - t_start, 3)

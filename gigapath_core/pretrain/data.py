@@ -2,8 +2,8 @@
 
 - :class:`TileSource`: tiles streamed from slides (open with the configured readers, tile with the tiler,
   read lazily with ``Tiler.read_tile``; each process keeps its own slide handles);
-- :func:`load_slide_embeddings`: ``tile_embeddings.h5`` of the embed job (``features`` (N, D) float32,
-  ``coords`` (N, 2) grid px);
+- :func:`load_slide_embeddings`: ``tile_embeddings.h5`` of the embed job or another tool's feature files, read
+  by :func:`gigapath_core.interop.read_tile_features` (``features`` (N, D) float32, ``coords`` (N, 2) grid px);
 - :func:`load_pairs`: slide–report pairs from a CSV (``slide_id, report[, region][, label]``), reports
   cleaned by a ``report_cleaner`` plugin, ``region`` = ``"x0 y0 x1 y1"`` grid px selecting the tiles whose
   top-left corner lies in ``[x0, x1) x [y0, y1)``;
@@ -26,7 +26,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, SlideError
-from ..store import read_h5
 
 log = logging.getLogger("gigapath")
 EMBEDDINGS_FILE = "tile_embeddings.h5"
@@ -139,22 +138,27 @@ def embedding_files(dir: str | None = None, files: list[str] = ()) -> dict[str, 
     return found
 
 
-def load_slide_embeddings(paths: dict[str, Path]) -> dict[str, dict[str, np.ndarray]]:
+def load_slide_embeddings(paths: dict[str, Path], **read_options: Any) -> dict[str, dict[str, np.ndarray]]:
     """slide_id -> {"features": (N, D) float32, "coords": (N, 2) float32 grid px}; empty slides dropped.
 
-    Raises ConfigError if the files disagree on D or lack ``features``/``coords``.
+    Each file is read by :func:`gigapath_core.interop.read_tile_features` (ours of either format version, or
+    another tool's, with ``read_options``); ``coords`` here are its checked ``grid_coords``.
+
+    Raises ConfigError if the files disagree on D or their units cannot be worked out; FeatureFileError for a
+    file without ``features``/``coords`` or with non-finite values.
     """
+    from ..interop import read_tile_features
+
+    read_options.setdefault("key_prefix", "embeddings.")
     out: dict[str, dict[str, np.ndarray]] = {}
     dims = set()
     for sid, path in paths.items():
-        data, _ = read_h5(path)
-        if "features" not in data or "coords" not in data:
-            raise ConfigError("embeddings", f"{path} lacks 'features' or 'coords' (not a tile_embeddings.h5)")
-        if len(data["features"]) == 0:
+        tf = read_tile_features(path, **read_options)
+        if len(tf) == 0:
             log.warning("skipping %s: no tiles", sid)
             continue
-        out[sid] = {"features": data["features"].astype(np.float32), "coords": data["coords"].astype(np.float32)}
-        dims.add(int(data["features"].shape[1]))
+        out[sid] = {"features": tf.features, "coords": tf.grid_coords.astype(np.float32)}
+        dims.add(tf.dim)
     if len(dims) > 1:
         raise ConfigError("embeddings", f"tile embeddings of different widths {sorted(dims)} (mixed tile encoders?)")
     if not out:
