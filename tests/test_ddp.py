@@ -173,9 +173,10 @@ def _finetune_inputs(d: Path) -> Path:
     rows = []
     for i in range(8):
         n = 6 + i
-        write_h5(emb / f"slide{i}" / "tile_embeddings.h5",
+        grid = np.stack([np.arange(n) * 256, np.zeros(n)], 1).astype(np.int64)
+        write_h5(emb / f"slide{i}" / "tile_embeddings.h5",  # format_version 2: level-0 coords (0.25 µm/px) + grid
                  {"features": rng.normal(size=(n, 16)).astype(np.float32) + (i % 2),
-                  "coords": np.stack([np.arange(n) * 256, np.zeros(n)], 1).astype(np.int64)},
+                  "coords": grid * 2, "grid_coords": grid},
                  {"tile_encoder": "synthetic", "weights_source": "random"})
         rows.append({"slide_id": f"slide{i}", "patient_id": f"p{i}", "y": "pos" if i % 2 else "neg"})
     with open(d / "labels.csv", "w", newline="") as f:
