@@ -177,6 +177,38 @@ def test_bad_values_are_refused(tmp_path):
         read_tile_features(tmp_path / "nope.h5")
 
 
+def test_trident_layout_written_by_us_reads_as_trident(tmp_path):
+    from gigapath_core.interop import coords_attrs
+    from gigapath_core.store import write_h5
+
+    path = tmp_path / "features_x" / "s.h5"  # an export in TRIDENT's layout carries our format_version too
+    write_h5(path, {"features": _features(), "coords": CELLS * 512},
+             dataset_attrs={"coords": coords_attrs(0.25, name="s")})
+    tf = read_tile_features(path)
+    assert tf.source_format == "trident" and tf.attrs["format_version"] == FORMAT_VERSION
+    _assert_consecutive(tf)
+
+
+def test_feature_table_csv_with_per_slide_level0_mpp(tmp_path):
+    from gigapath_core.interop import FeatureLocator
+
+    write_clam(tmp_path / "clam", "a")
+    write_clam(tmp_path / "clam", "b", origin=0)
+    (tmp_path / "table.csv").write_text("slide_id,features_path,level0_mpp\n"
+                                        "a,clam/h5_files/a.h5,0.25\nb,clam/pt_files/b.pt,0.5\n")
+    loc = FeatureLocator([str(tmp_path / "table.csv")], "data.embeddings")
+    a, b = loc.find("a"), loc.find("b")
+    assert a.level0_mpp == 0.25 and b.path.suffix == ".pt" and loc.find("c") is None
+    _assert_consecutive(read_tile_features(a.path, level0_mpp=a.level0_mpp), origin=(2, 2))
+    with pytest.raises(ConfigError, match=r"^x\.level0_mpp: .*b\.h5: every tile is 2 grid cells"):
+        read_tile_features(b.path, level0_mpp=b.level0_mpp, key_prefix="x.")  # 0.5 is wrong for a 40x slide
+    (tmp_path / "bad.csv").write_text("slide_id,features_path\na,nope.h5\n")
+    with pytest.raises(ConfigError, match=r"^data\.embeddings\[row 2\]\.features_path: file not found"):
+        FeatureLocator([str(tmp_path / "bad.csv")], "data.embeddings")
+    folder = FeatureLocator([str(tmp_path / "clam")], "k").all()
+    assert sorted(folder) == ["a", "b"] and folder["a"].path.parent.name == "h5_files"
+
+
 # ------------------------------------------------------------------------------------- jobs on them
 def _trident_cohort(root: Path, n_patients: int = 8) -> Path:
     folder = root / "trident" / "features_uni_v1"

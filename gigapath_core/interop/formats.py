@@ -38,12 +38,13 @@ def decode(v: Any) -> Any:
 def detect_format(path: Path, names: set[str], root: dict[str, Any], coords_attrs: dict[str, Any]) -> str:
     """One of :data:`FORMATS` for an h5 file with datasets ``names`` and attributes ``root``/``coords_attrs``.
 
-    Our files are recognised by ``format_version``, ``coords_level0``, our provenance attributes or the name
-    ``tile_embeddings.h5``; TRIDENT by its ``coords`` attributes or a ``features_*`` folder; CLAM by
+    Our files are recognised by ``grid_coords`` / ``coords_level0``, our provenance attributes or the name
+    ``tile_embeddings.h5`` (not by ``format_version`` alone: files exported in another tool's layout carry it
+    too); TRIDENT by its ``coords`` attributes or a ``features_*`` folder; CLAM by
     ``patch_level`` or an ``h5_files`` folder; STAMP by ``feats``; anything else with ``features`` and
     ``coords`` is read as the official prov-gigapath layout (grid px, checked).
     """
-    if "format_version" in root or "coords_level0" in names or "grid_coords" in names:
+    if "coords_level0" in names or "grid_coords" in names:
         return "gigapath"
     if "feats" in names:
         return "stamp"
