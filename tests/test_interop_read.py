@@ -315,3 +315,15 @@ def test_real_run_writes_format_version_2_with_both_units(tmp_path):
     # the level-0 tile side our tiler read (trident/wsi_objects/WSIPatcher.py)
     side = round(ca["patch_size"] * (10 / ca["target_magnification"]) / (10 / ca["level0_magnification"]))
     assert side == round(256 * 0.5 / mpp)
+
+
+def test_pretraining_reads_a_clam_folder_with_its_unit_key(tmp_path):
+    from gigapath_core.pretrain.data import embedding_files, load_slide_embeddings
+
+    write_clam(tmp_path, "X")
+    files = embedding_files(str(tmp_path))
+    assert list(files) == ["X"]
+    with pytest.raises(ConfigError, match=r"^embeddings\.level0_mpp: .*X\.h5"):
+        load_slide_embeddings(files)
+    slides = load_slide_embeddings(files, level0_mpp=0.25)
+    np.testing.assert_array_equal(slides["X"]["coords"], (CELLS + 2) * 256)

@@ -118,23 +118,29 @@ class TileSource:
 
 # ------------------------------------------------------------------------------------------ embeddings
 def embedding_files(dir: str | None = None, files: list[str] = ()) -> dict[str, Path]:
-    """slide_id -> tile_embeddings.h5 from an embed output folder or a list of paths/globs.
+    """slide_id -> tile-feature file from a folder (an embed output folder, or another tool's feature folder /
+    CSV of paths, :class:`gigapath_core.interop.FeatureLocator`) or a list of paths/globs (slide_id = the folder
+    of a ``tile_embeddings.h5``, else the file name without extension).
 
     Raises ConfigError (``embeddings.dir`` / ``embeddings.files[i]``) when nothing matches.
     """
+    from ..interop import FeatureLocator
+
     found: dict[str, Path] = {}
     if dir is not None:
-        for p in sorted(Path(dir).glob(f"*/{EMBEDDINGS_FILE}")):
-            found[p.parent.name] = p
+        if not Path(dir).exists():
+            raise ConfigError("embeddings.dir", f"not found: {dir}")
+        found = {sid: src.path for sid, src in FeatureLocator([dir], "embeddings.dir").all().items()}
         if not found:
-            raise ConfigError("embeddings.dir", f"no */{EMBEDDINGS_FILE} under {dir} (run the embed job first)")
+            raise ConfigError("embeddings.dir", f"no */{EMBEDDINGS_FILE} (or other tool's feature file) under {dir} "
+                              "(run the embed job first)")
     for i, pattern in enumerate(files):
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if Path(m).is_file()]
         if not matches:
             raise ConfigError(f"embeddings.files[{i}]", f"no file matches {pattern!r}")
         for m in matches:
-            found[Path(m).parent.name] = Path(m)
+            found[Path(m).parent.name if Path(m).name == EMBEDDINGS_FILE else Path(m).stem] = Path(m)
     return found
 
 
