@@ -271,7 +271,8 @@ def _run_on_features(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp
     try:
         t0 = time.perf_counter()
         tf = read_tile_features(slide.path, level0_mpp=slide.mpp, coords_unit=cfg.inputs.coords_unit,
-                                tile_size=cfg.inputs.tile_size, key_prefix="inputs.")
+                                tile_size=cfg.inputs.tile_size, key_prefix="inputs.",
+                                keys={"level0_mpp": "inputs.mpp"})
         row.update(n_tiles=len(tf), reader=f"features:{tf.source_format}", weights=f"slide_encoder={se.weights_source}")
         if len(tf) == 0:
             row["reason"] = "zero tiles in the feature file"

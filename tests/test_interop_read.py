@@ -277,6 +277,13 @@ def test_embed_job_on_foreign_features(tmp_path):
     assert rows["S0"]["status"] == "ok" and rows["S0"]["n_tiles"] == str(N)
     with pytest.raises(ConfigError, match="^tile_encoder: inputs.features already holds tile embeddings"):
         gp.run({**cfg, "tile_encoder": {"name": "dinov2-vits14"}}, out=str(out))
+    write_clam(tmp_path / "clam", "C")  # no units in the file: the embed job's key for level-0 mpp is inputs.mpp
+    clam = {"inputs": {"features": str(tmp_path / "clam")}, "slide_encoder": cfg["slide_encoder"]}
+    with pytest.raises(ConfigError, match=r"^inputs\.mpp: .*C\.h5: .*give it with inputs\.mpp$"):
+        gp.run(clam, out=str(tmp_path / "out2"))
+    clam["inputs"]["mpp"] = 0.25
+    assert gp.run(clam, out=str(tmp_path / "out2")) == 0
+    assert read_h5(tmp_path / "out2" / "C" / "slide_embedding.h5")[1]["tile_features_format"] == "clam"
 
 
 # ------------------------------------------------------------------------------------- our writers

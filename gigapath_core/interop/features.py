@@ -63,8 +63,8 @@ def _attrs(obj) -> dict[str, Any]:
     return {k: decode(v) for k, v in obj.attrs.items()}
 
 
-def _need(path: Path, what: str, key: str, prefix: str) -> ConfigError:
-    return ConfigError(f"{prefix}{key}", f"{path}: {what}; give it with {prefix}{key}")
+def _need(path: Path, what: str, name: str, key) -> ConfigError:
+    return ConfigError(key(name), f"{path}: {what}; give it with {key(name)}")
 
 
 def _load_pt(path: Path) -> np.ndarray:
@@ -83,7 +83,7 @@ def _load_pt(path: Path) -> np.ndarray:
 
 def read_tile_features(path: str | Path, *, level0_mpp: float | None = None, coords_unit: str | None = None,
                        tile_size: int | None = None, target_mpp: float = units.TARGET_MPP, fmt: str = "auto",
-                       key_prefix: str = "") -> TileFeatures:
+                       key_prefix: str = "", keys: dict[str, str] | None = None) -> TileFeatures:
     """Read one slide's tile features and their positions from a file of any supported tool.
 
     Args:
@@ -96,6 +96,8 @@ def read_tile_features(path: str | Path, *, level0_mpp: float | None = None, coo
         target_mpp: µm/px of the grid (0.5, the Prov-GigaPath slide encoder's).
         fmt: ``auto`` or one of :data:`gigapath_core.interop.formats.FORMATS`.
         key_prefix: prefix of the config keys named in errors (``data.`` -> ``data.level0_mpp``).
+        keys: config key per option where it is not ``key_prefix + name`` (the embed job: ``{"level0_mpp":
+            "inputs.mpp"}``).
     Returns:
         :class:`TileFeatures` with checked ``grid_coords``.
     Raises:
@@ -104,14 +106,19 @@ def read_tile_features(path: str | Path, *, level0_mpp: float | None = None, coo
         FeatureFileError: missing file or datasets, row counts that differ, non-finite features or coordinates.
     """
     path = Path(path)
+    key_names = dict(keys or {})
+
+    def key(name: str) -> str:
+        return key_names.get(name, f"{key_prefix}{name}")
+
     if fmt != "auto" and fmt not in FORMATS:
-        raise ConfigError(f"{key_prefix}format", f"unknown feature format {fmt!r}; valid: auto, {', '.join(FORMATS)}")
+        raise ConfigError(key("format"), f"unknown feature format {fmt!r}; valid: auto, {', '.join(FORMATS)}")
     if coords_unit is not None and coords_unit not in COORDS_UNITS:
-        raise ConfigError(f"{key_prefix}coords_unit", f"unknown unit {coords_unit!r}; valid: {', '.join(COORDS_UNITS)}")
+        raise ConfigError(key("coords_unit"), f"unknown unit {coords_unit!r}; valid: {', '.join(COORDS_UNITS)}")
     if not path.is_file():
         raise FeatureFileError(path, "tile-feature file not found")
     if path.suffix == ".pt":
-        return _read_pt(path, level0_mpp, coords_unit, tile_size, target_mpp, key_prefix)
+        return _read_pt(path, level0_mpp, coords_unit, tile_size, target_mpp, key_prefix, keys)
     import h5py
 
     try:
@@ -133,16 +140,16 @@ def read_tile_features(path: str | Path, *, level0_mpp: float | None = None, coo
     if features.size == 0:
         features = features.reshape(0, features.shape[1] if features.ndim == 2 else 0)
     return _assemble(path, fmt, features, data, root, cattrs, gattrs, level0_mpp, coords_unit, tile_size,
-                     target_mpp, key_prefix)
+                     target_mpp, key)
 
 
-def _read_pt(path, level0_mpp, coords_unit, tile_size, target_mpp, prefix) -> TileFeatures:
+def _read_pt(path, level0_mpp, coords_unit, tile_size, target_mpp, prefix, keys) -> TileFeatures:
     h5 = path.parent.parent / "h5_files" / f"{path.stem}.h5"
     if not h5.is_file():
         raise FeatureFileError(path, f"a CLAM .pt file holds features only; its coordinates come from "
                                      f"{h5} (h5_files/ beside pt_files/), which does not exist")
     tf = read_tile_features(h5, level0_mpp=level0_mpp, coords_unit=coords_unit, tile_size=tile_size,
-                            target_mpp=target_mpp, fmt="clam", key_prefix=prefix)
+                            target_mpp=target_mpp, fmt="clam", key_prefix=prefix, keys=keys)
     feats = _load_pt(path)
     if feats.ndim != 2 or len(feats) != len(tf.grid_coords):
         raise FeatureFileError(path, f"{tuple(feats.shape)} features but {len(tf.grid_coords)} coordinates in {h5}")
@@ -160,7 +167,7 @@ def _check_finite(path: Path, features: np.ndarray) -> None:
 
 
 def _pitch_level0(path: Path, fmt: str, cattrs: dict, level0_mpp: float | None, tile_size: int,
-                  target_mpp: float, prefix: str) -> float:
+                  target_mpp: float, key) -> float:
     """Tile step in level-0 px: from the file's attributes, else from ``level0_mpp``."""
     if fmt == "trident":
         ps = cattrs.get("patch_size")
@@ -183,13 +190,13 @@ def _pitch_level0(path: Path, fmt: str, cattrs: dict, level0_mpp: float | None, 
         missing = {"trident": "coords.attrs['patch_size_level0']",
                    "clam": "coords.attrs 'patch_size' and 'downsample' (CLAM feature files carry none)"}
         raise _need(path, f"coords are level-0 px but the tile size is unknown: no {missing.get(fmt, 'level0_mpp attribute')} "
-                          f"and no level-0 µm/px", "level0_mpp", prefix)
+                          f"and no level-0 µm/px", "level0_mpp", key)
     return units.tile_size_level0(tile_size, target_mpp, level0_mpp)
 
 
 def _assemble(path: Path, fmt: str, features: np.ndarray, data: dict, root: dict, cattrs: dict, gattrs: dict,
               level0_mpp: float | None, coords_unit: str | None, tile_size: int | None, target_mpp: float,
-              prefix: str) -> TileFeatures:
+              key) -> TileFeatures:
     raw = np.asarray(data["coords"])
     if raw.size == 0:
         raw = raw.reshape(0, 2)
@@ -229,20 +236,20 @@ def _assemble(path: Path, fmt: str, features: np.ndarray, data: dict, root: dict
                 coords = np.rint(pos * target_mpp / level0_mpp).astype(np.int64)
         elif unit == "um":
             if fmt == "stamp" and root.get("unit", "um") != "um":
-                raise _need(path, f"coords unit is {root.get('unit')!r} (STAMP files record 'um')", "coords_unit", prefix)
+                raise _need(path, f"coords unit is {root.get('unit')!r} (STAMP files record 'um')", "coords_unit", key)
             side_um = root.get("tile_size_um") or (root.get("tile_size") if root.get("unit") == "um" else None)
             if not side_um and fmt == "stamp":
                 raise _need(path, "no root attribute 'tile_size_um' (a historic STAMP file) to tell the tile size",
-                            "tile_size", prefix)
+                            "tile_size", key)
             side_um = float(side_um) if side_um else tile_size * target_mpp
             grid = snap_to_cells(pos, side_um, str(path)) * tile_size
             if level0_mpp is not None:
                 coords = np.rint(pos / level0_mpp).astype(np.int64)
         else:
-            pitch = _pitch_level0(path, fmt, cattrs, level0_mpp, tile_size, target_mpp, prefix)
+            pitch = _pitch_level0(path, fmt, cattrs, level0_mpp, tile_size, target_mpp, key)
             grid = snap_to_cells(pos, pitch, str(path)) * tile_size
             coords = np.rint(pos).astype(np.int64)
-    grid = check_grid(np.asarray(grid).reshape(-1, 2), tile_size, str(path), prefix, target_mpp)
+    grid = check_grid(np.asarray(grid).reshape(-1, 2), tile_size, str(path), key, target_mpp)
     if coords is not None and coords.shape != grid.shape:
         raise FeatureFileError(path, f"level-0 coords {coords.shape} and grid coords {grid.shape} differ in shape")
     return TileFeatures(features, grid, coords, None if level0_mpp is None else float(level0_mpp), int(tile_size),

@@ -9,6 +9,7 @@ class of prov-gigapath #116/#67, STAMP #159, CLAM #289; :func:`check_grid` refus
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import reduce
 from math import gcd
 
@@ -48,39 +49,41 @@ def cell_stride(cells: np.ndarray) -> int:
     return int(reduce(gcd, off.tolist(), 0)) or 1
 
 
-def check_grid(grid_coords: np.ndarray, tile_size: int, path: str, key_prefix: str = "",
+def check_grid(grid_coords: np.ndarray, tile_size: int, path: str, key_prefix: str | Callable[[str], str] = "",
                target_mpp: float = 0.5) -> np.ndarray:
     """Check ``grid_coords`` ((N, 2) grid px) before it reaches the slide encoder; return it as int64.
 
     Raises:
-        ConfigError (key ``<prefix>coords_unit``): values not finite, not whole multiples of ``tile_size``, or
+        ConfigError (key ``<prefix>coords_unit`` / ``<prefix>level0_mpp``; ``key_prefix`` may also be a callable
+            option name -> config key): values not finite, not whole multiples of ``tile_size``, or
             cells that all step by k >= 2, which is what level-0 px of a ``target_mpp / k`` µm/px slide
             look like (k = 2: a 0.25 µm/px, 40x slide); the message names the file and the keys that fix it.
     """
+    key = key_prefix if callable(key_prefix) else (lambda name: f"{key_prefix}{name}")
     g = np.asarray(grid_coords)
     if g.ndim != 2 or g.shape[1] != 2:
-        raise ConfigError(f"{key_prefix}coords_unit", f"{path}: coordinates have shape {g.shape}, expected (N, 2)")
+        raise ConfigError(key("coords_unit"), f"{path}: coordinates have shape {g.shape}, expected (N, 2)")
     if not np.isfinite(g.astype(np.float64)).all():
-        raise ConfigError(f"{key_prefix}coords_unit", f"{path}: non-finite tile coordinates")
+        raise ConfigError(key("coords_unit"), f"{path}: non-finite tile coordinates")
     gi = np.rint(g.astype(np.float64)).astype(np.int64)
     bad = np.flatnonzero(((gi % int(tile_size)) != 0).any(axis=1) | (np.abs(g.astype(np.float64) - gi) > 1e-6).any(axis=1))
     if len(bad):
         i = int(bad[0])
-        raise ConfigError(f"{key_prefix}coords_unit",
+        raise ConfigError(key("coords_unit"),
                           f"{path}: grid coordinate {tuple(int(v) for v in gi[i])} of tile {i} is not a multiple of "
                           f"tile_size {tile_size} ({len(bad)} of {len(gi)} tiles); these are not grid px at the "
-                          f"target mpp: give {key_prefix}coords_unit (level0_px, grid_px or um), "
-                          f"{key_prefix}level0_mpp or {key_prefix}tile_size")
+                          f"target mpp: give {key('coords_unit')} (level0_px, grid_px or um), "
+                          f"{key('level0_mpp')} or {key('tile_size')}")
     cells = gi // int(tile_size)
     k = cell_stride(cells)
     distinct = max(len(np.unique(cells[:, 0])), len(np.unique(cells[:, 1])))
     if k >= 2 and distinct >= 3:
         raise ConfigError(
-            f"{key_prefix}level0_mpp",
+            key("level0_mpp"),
             f"{path}: every tile is {k} grid cells from its neighbours (coordinates are multiples of "
             f"{k * int(tile_size)} on a {int(tile_size)}-px grid): these look like level-0 px of a "
-            f"{target_mpp / k:g} µm/px slide passed as grid px; give {key_prefix}level0_mpp (e.g. {target_mpp / k:g}) or "
-            f"{key_prefix}coords_unit: level0_px")
+            f"{target_mpp / k:g} µm/px slide passed as grid px; give {key('level0_mpp')} (e.g. {target_mpp / k:g}) or "
+            f"{key('coords_unit')}: level0_px")
     dup = len(cells) - len(np.unique(cells, axis=0)) if len(cells) else 0
     if dup:
         log.warning("%s: %d tiles share a grid cell with another tile", path, dup)
