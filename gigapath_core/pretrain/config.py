@@ -18,8 +18,10 @@ from ..training import TrainConfig
 class EmbeddingsConfig(Strict):
     """Where tile embeddings come from (exactly one of the three)."""
 
-    dir: str | None = Field(None, description="output folder of an embed job: <dir>/<slide_id>/tile_embeddings.h5")
-    files: list[str] = Field(default_factory=list, description="tile_embeddings.h5 paths or globs (slide_id = folder)")
+    dir: str | None = Field(None, description="output folder of an embed job (<dir>/<slide_id>/tile_embeddings.h5), "
+                            "another tool's feature folder or a CSV slide_id,features_path (docs/formats.md)")
+    files: list[str] = Field(default_factory=list, description="feature file paths or globs (slide_id = the folder "
+                             "of a tile_embeddings.h5, else the file name)")
     embed: dict[str, Any] | None = Field(None, description="an embed-job config run first into <output>/embeddings")
     level0_mpp: float | None = Field(None, gt=0, description="µm/px of level 0 for feature files that do not "
                                      "record it (docs/formats.md)")
