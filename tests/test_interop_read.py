@@ -334,3 +334,21 @@ def test_pretraining_reads_a_clam_folder_with_its_unit_key(tmp_path):
         load_slide_embeddings(files)
     slides = load_slide_embeddings(files, level0_mpp=0.25)
     np.testing.assert_array_equal(slides["X"]["coords"], (CELLS + 2) * 256)
+
+
+def test_our_v2_file_checks_grid_against_level0(tmp_path):
+    from gigapath_core.interop import coords_attrs, grid_coords_attrs
+    from gigapath_core.store import write_h5
+
+    specks = np.array([[0, 0], [2, 0], [4, 0], [6, 0]])  # scattered specks two cells apart: legitimate here
+    path = tmp_path / "s" / "tile_embeddings.h5"
+    level0 = np.rint(specks * 256 * 0.5 / 0.2271).astype(np.int64)
+    write_h5(path, {"features": _features()[:4], "coords": level0, "grid_coords": specks * 256},
+             dataset_attrs={"coords": coords_attrs(0.2271), "grid_coords": grid_coords_attrs()})
+    tf = read_tile_features(path)
+    np.testing.assert_array_equal(tf.grid_coords, specks * 256)
+    assert tf.level0_mpp == 0.2271
+    write_h5(path, {"features": _features()[:4], "coords": level0 * 2, "grid_coords": specks * 256},
+             dataset_attrs={"coords": coords_attrs(0.2271)})
+    with pytest.raises(ConfigError, match="does not match its level-0 coords"):
+        read_tile_features(path)

@@ -249,7 +249,8 @@ def _assemble(path: Path, fmt: str, features: np.ndarray, data: dict, root: dict
             pitch = _pitch_level0(path, fmt, cattrs, level0_mpp, tile_size, target_mpp, key)
             grid = snap_to_cells(pos, pitch, str(path)) * tile_size
             coords = np.rint(pos).astype(np.int64)
-    grid = check_grid(np.asarray(grid).reshape(-1, 2), tile_size, str(path), key, target_mpp)
+    both = (coords, level0_mpp) if fmt == "gigapath" and coords is not None and "level0_mpp" in cattrs else None
+    grid = check_grid(np.asarray(grid).reshape(-1, 2), tile_size, str(path), key, target_mpp, level0=both)
     if coords is not None and coords.shape != grid.shape:
         raise FeatureFileError(path, f"level-0 coords {coords.shape} and grid coords {grid.shape} differ in shape")
     return TileFeatures(features, grid, coords, None if level0_mpp is None else float(level0_mpp), int(tile_size),

@@ -50,8 +50,13 @@ def cell_stride(cells: np.ndarray) -> int:
 
 
 def check_grid(grid_coords: np.ndarray, tile_size: int, path: str, key_prefix: str | Callable[[str], str] = "",
-               target_mpp: float = 0.5) -> np.ndarray:
+               target_mpp: float = 0.5, level0: tuple[np.ndarray, float] | None = None) -> np.ndarray:
     """Check ``grid_coords`` ((N, 2) grid px) before it reaches the slide encoder; return it as int64.
+
+    Args:
+        level0: ``(coords, level0_mpp)`` when the file stores both units (ours, format version 2): then the
+            grid must agree with the level-0 px (within a quarter cell) instead of passing the stride test
+            (a few scattered tissue specks may legitimately sit two cells apart).
 
     Raises:
         ConfigError (key ``<prefix>coords_unit`` / ``<prefix>level0_mpp``; ``key_prefix`` may also be a callable
@@ -77,7 +82,16 @@ def check_grid(grid_coords: np.ndarray, tile_size: int, path: str, key_prefix: s
     cells = gi // int(tile_size)
     k = cell_stride(cells)
     distinct = max(len(np.unique(cells[:, 0])), len(np.unique(cells[:, 1])))
-    if k >= 2 and distinct >= 3:
+    if level0 is not None:
+        expected = np.asarray(level0[0], dtype=np.float64) * float(level0[1]) / target_mpp / int(tile_size)
+        off = np.abs(expected - cells).max(axis=1) if len(cells) else np.zeros(0)
+        if len(off) and off.max() > 0.25:
+            i = int(np.argmax(off))
+            raise ConfigError(key("level0_mpp"),
+                              f"{path}: grid_coords {tuple(int(v) for v in gi[i])} of tile {i} does not match its "
+                              f"level-0 coords {tuple(int(v) for v in np.asarray(level0[0])[i])} at level0_mpp "
+                              f"{level0[1]:g} (expected grid px ~{tuple(round(float(v) * tile_size) for v in expected[i])})")
+    elif k >= 2 and distinct >= 3:
         raise ConfigError(
             key("level0_mpp"),
             f"{path}: every tile is {k} grid cells from its neighbours (coordinates are multiples of "
