@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gigapath_core.interop import read_tile_features
+from gigapath_core.interop import grid_coords_attrs, read_tile_features
 from gigapath_core.store import write_bytes, write_h5
 
 #: source slide id (file name without extension) -> stain
@@ -56,8 +56,9 @@ def cut_pseudo_slides(embed_dir: str | Path, out_dir: str | Path, region_px: int
             write_h5(out_dir / sid / "tile_embeddings.h5",
                      {"features": data["features"][keep], "grid_coords": coords[keep] - origin,
                       "coords": (data["coords"] if data["coords"] is not None else coords)[keep]},
-                     {**attrs, "format_version": 2, "source_slide": source, "region_origin_grid_px": origin.tolist(),
-                      "region_size_grid_px": region_px})
+                     attrs={**attrs, "format_version": 2, "source_slide": source,
+                            "region_origin_grid_px": origin.tolist(), "region_size_grid_px": region_px},
+                     dataset_attrs={"grid_coords": grid_coords_attrs(target_mpp=tf.target_mpp, tile_size=tf.tile_size)})
             rows.append({"slide_id": sid, "patient_id": f"{source}_x{rc}_y{rr // patient_rows}",
                          "source_slide": source, "stain": stain, "n_tiles": len(keep)})
     if not found:
