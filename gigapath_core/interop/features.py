@@ -238,9 +238,10 @@ def _assemble(path: Path, fmt: str, features: np.ndarray, data: dict, root: dict
             if fmt == "stamp" and root.get("unit", "um") != "um":
                 raise _need(path, f"coords unit is {root.get('unit')!r} (STAMP files record 'um')", "coords_unit", key)
             side_um = root.get("tile_size_um") or (root.get("tile_size") if root.get("unit") == "um" else None)
-            if not side_um and fmt == "stamp":
-                raise _need(path, "no root attribute 'tile_size_um' (a historic STAMP file) to tell the tile size",
-                            "tile_size", key)
+            if not side_um and fmt == "stamp" and coords_unit is None:
+                raise _need(path, "no root attribute 'tile_size_um' (a historic STAMP file): the unit of its coords "
+                                  "is unknown (coords_unit: um takes tiles of tile_size px at 0.5 µm/px)",
+                            "coords_unit", key)
             side_um = float(side_um) if side_um else tile_size * target_mpp
             grid = snap_to_cells(pos, side_um, str(path)) * tile_size
             if level0_mpp is not None:
