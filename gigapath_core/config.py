@@ -73,7 +73,8 @@ class InputsConfig(Strict):
     slides: list[str] = Field(default_factory=list, description="slide paths or glob patterns")
     manifest: str | None = Field(None, description="CSV with column slide_path (+ optional slide_id, slide_mpp, "
                                                    "mask)")
-    mpp: float | None = Field(None, gt=0, description="level-0 mpp override for every slide (µm/px)")
+    mpp: float | None = Field(None, gt=0, description="level-0 mpp override for every slide (µm/px); with "
+                              "features: µm/px of level 0 for feature files that do not record it")
     masks: str | None = Field(None, description="folder of QuPath GeoJSON annotation masks, <slide_id>.geojson "
                                                 "(a manifest 'mask' cell wins); docs/slides.md")
     mask_mode: Literal["intersect", "replace"] = Field(
@@ -82,6 +83,12 @@ class InputsConfig(Strict):
     mask_exclude: list[str] = Field(["Ignore*", "Pen*", "Artefact*", "Artifact*"],
                                     description="classification names (fnmatch, case-insensitive) cut out of the "
                                                 "mask")
+    features: str | None = Field(None, description="instead of slides: a folder of tile-feature files (our run, "
+                                 "TRIDENT, CLAM, STAMP, prov-gigapath layouts) or a CSV with slide_id, features_path"
+                                 "[, level0_mpp]; runs the slide encoder on them without tiling (docs/formats.md)")
+    coords_unit: Literal["level0_px", "grid_px", "um"] | None = Field(
+        None, description="with features: unit of the files' coords when their attributes do not tell it")
+    tile_size: int = Field(256, ge=1, le=65536, description="with features: grid cell side in px at 0.5 µm/px")
 
 
 class ExecutorConfig(Strict):
@@ -294,6 +301,8 @@ def collect_slides(inputs: InputsConfig, base: Path, output: str | Path | None =
     ``slide_path``, a slide_id that is not a safe folder name (:mod:`gigapath_core.slide_ids`), or two slides
     with the same slide_id (also when they differ only in letter case or Unicode normal form).
     """
+    if inputs.features:
+        return _feature_inputs(inputs, base)
     out = Path(os.path.realpath(output)) if output is not None else None
     slides: list[SlideInput] = []
     for i, pattern in enumerate(inputs.slides):
@@ -364,6 +373,23 @@ def collect_slides(inputs: InputsConfig, base: Path, output: str | Path | None =
     return unique
 
 
+def _feature_inputs(inputs: InputsConfig, base: Path) -> list[SlideInput]:
+    """``inputs.features`` (a folder of feature files or a CSV of paths) -> one SlideInput per file; ``path`` is
+    the feature file, ``mpp`` its level-0 µm/px (CSV column ``level0_mpp``, else ``inputs.mpp``)."""
+    from .interop import FeatureLocator
+
+    src = Path(inputs.features).expanduser()
+    src = src if src.is_absolute() else base / src
+    if not src.exists():
+        raise ConfigError("inputs.features", f"not found: {src}")
+    found = FeatureLocator([str(src)], "inputs.features").all()
+    if not found:
+        raise ConfigError("inputs.features", f"no tile-feature file in {src} (looked for <slide>/tile_embeddings.h5, "
+                          "<slide>.h5, h5_files/<slide>.h5, pt_files/<slide>.pt, features_*/<slide>.h5)")
+    return [SlideInput(slide_id=_checked_id(sid, "inputs.features", Path(f.path), True), path=str(f.path),
+                       mpp=f.level0_mpp or inputs.mpp) for sid, f in found.items()]
+
+
 def parse_model(model: type[BaseModel], raw: dict) -> Any:
     """``model(**raw)`` with the first validation error turned into a key-path ConfigError."""
     try:
@@ -422,8 +448,17 @@ def load_pipeline_config(raw: dict, base: Path, out: str | None = None) -> tuple
         stage = getattr(cfg, kind)
         if stage is not None:
             validate_stage(kind, stage.name, stage.params, cfg.registry, kind)
-    if cfg.slide_encoder is not None and cfg.tile_encoder is None:
-        raise ConfigError("slide_encoder", "needs a tile_encoder stage")
+    if cfg.inputs.features:
+        if cfg.inputs.slides or cfg.inputs.manifest:
+            raise ConfigError("inputs.features", "give either slides (inputs.slides / inputs.manifest) or tile "
+                              "features (inputs.features), not both")
+        if cfg.tile_encoder is not None:
+            raise ConfigError("tile_encoder", "inputs.features already holds tile embeddings; remove the "
+                              "tile_encoder stage (the slide encoder runs on the given features)")
+        if cfg.slide_encoder is None:
+            raise ConfigError("slide_encoder", "inputs.features needs a slide_encoder stage to run on them")
+    elif cfg.slide_encoder is not None and cfg.tile_encoder is None:
+        raise ConfigError("slide_encoder", "needs a tile_encoder stage (or tile features given with inputs.features)")
     _resolve_weights(cfg, base)
     slides = collect_slides(cfg.inputs, base, cfg.output)
     return cfg, slides

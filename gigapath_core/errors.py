@@ -75,3 +75,8 @@ class MaskError(SlideError):
 class PixelBudgetError(SlideError):
     """Building the tissue-mask thumbnail would decode more pixels than the tiler's budget allows (a huge
     slide without a pyramid level small enough): the slide is refused instead of decoding for hours."""
+
+
+class FeatureFileError(SlideError):
+    """A tile-feature file is unreadable or inconsistent (missing datasets, row counts that disagree,
+    non-finite values); ``path`` is the feature file."""

@@ -27,10 +27,11 @@ import torch
 from . import __version__
 from .config import PipelineConfig, SlideInput
 from .errors import ConfigError, GigapathError, SlideError, SlideOpenError
+from .interop import FORMAT_VERSION
 from .markers import identity_key, input_identity, outputs_record, stale_reason
 from .slide_ids import slide_dir as checked_slide_dir
-from .store import STATUS_FILE, read_h5, read_status, write_status
-from .stages.slide_embedding import SLIDE_FILE, run_slide_embedding
+from .store import STATUS_FILE, read_dataset_attrs, read_h5, read_status, write_status
+from .stages.slide_embedding import SLIDE_FILE, embed_tile_features, run_slide_embedding
 from .stages.tile_embedding import EMBEDDINGS_FILE, TileDataset, embed_tiles, write_tile_embeddings
 from .masks import MaskSpec, mask_identity
 from .stages.tiling import TILES_FILE, open_slide, run_tiling
@@ -107,6 +108,8 @@ def fingerprints(cfg: PipelineConfig, slide: SlideInput, identity: dict | None =
     tiling = [cfg.tiler.name, _tiler_params(cfg), slide.mpp, cfg.readers, *source]
     if slide.mask:
         tiling.append(mask_identity(mask_spec(cfg, slide)))
+    if cfg.inputs.features:  # no tiling: the stage input is the feature file read with these units
+        tiling = [slide.path, slide.mpp, cfg.inputs.coords_unit, cfg.inputs.tile_size, *source]
     parts = {"tiling": tiling,
              "tile_encoder": [_stage_dump(cfg.tile_encoder)], "slide_encoder": [_stage_dump(cfg.slide_encoder)]}
     out, acc = {}, []
@@ -149,12 +152,15 @@ def get_models(cfg: PipelineConfig) -> Models:
 
 
 def _stage_ok(path: Path, fingerprint: str) -> bool:
+    """A stage output can be reused: same config fingerprint and the current coordinate contract (an output
+    of format version 1, written before issue #17, is redone)."""
     if not path.is_file():
         return False
     try:
-        return read_h5(path)[1].get("fingerprint") == fingerprint
+        attrs = read_h5(path)[1]
     except Exception:
         return False
+    return attrs.get("fingerprint") == fingerprint and int(attrs.get("format_version", 1)) == FORMAT_VERSION
 
 
 def process_slide(cfg: PipelineConfig, slide: SlideInput, on_tiles: Callable[[int, int], None] | None = None) -> dict:
@@ -291,6 +297,8 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
     models = get_models(cfg)
     mpp = (slide.mpp, slide.mpp) if slide.mpp else None
     common = {"slide_id": slide.slide_id, "slide_path": slide.path, "gigapath_version": __version__}
+    if cfg.inputs.features:
+        return _run_on_features(cfg, slide, slide_dir, fp, t_start, row, models, common)
     try:
         t0 = time.perf_counter()
         with open_slide(slide.path, cfg.readers) as wsi:
@@ -325,11 +333,15 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
                                     device=models.device, precision=cfg.tile_encoder.precision, on_batch=tick)
                 if cfg.save_tile_png:
                     _save_tile_pngs(ds, slide_dir / "tiles", tiles["grid_coords"])
-                write_tile_embeddings(slide_dir / EMBEDDINGS_FILE, feats, tiles["grid_coords"], tiles["coords"],
+                tile_dattrs = read_dataset_attrs(slide_dir / TILES_FILE)
+                write_tile_embeddings(slide_dir / EMBEDDINGS_FILE, feats, tiles["coords"], tiles["grid_coords"],
                                       {**common, "fingerprint": fp["tile_encoder"], "tile_encoder": cfg.tile_encoder.name,
                                        "weights_source": te.weights_source, "embed_dim": int(te.embed_dim),
-                                       "coords_unit": f"grid px at {float(tattrs['target_mpp'])} um/px",
-                                       "coords_level0_unit": "level-0 px", "reader": row["reader"]})
+                                       "coords_unit": "level-0 px (top-left corner)",
+                                       "grid_coords_unit": f"px at {float(tattrs['target_mpp'])} um/px",
+                                       "tile_size": int(tattrs["tile_size"]), "target_mpp": float(tattrs["target_mpp"]),
+                                       "reader": row["reader"]},
+                                      {k: tile_dattrs[k] for k in ("coords", "grid_coords")})
             row["seconds_tile_encoder"] = round(time.perf_counter() - t0, 3)
         se = models.slide_encoder
         if se is not None and n > 0:
@@ -346,6 +358,39 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
     except GigapathError as err:
         row.update(reason=str(err), error_type=type(err).__name__)
     except Exception as err:  # an unexpected failure fails this slide only; keep the traceback in the log
+        log.debug("slide %s failed:\n%s", slide.slide_id, traceback.format_exc())
+        row.update(reason=f"{slide.path}: unexpected {type(err).__name__}: {err}", error_type=type(err).__name__)
+    row["seconds_total"] = round(time.perf_counter() - t_start, 3)
+    return row
+
+
+def _run_on_features(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dict[str, str], t_start: float,
+                     row: dict, models: Models, common: dict) -> dict:
+    """``inputs.features``: slide-encode an existing tile-feature file (``slide.path``, any supported tool's
+    layout) without tiling; writes ``slide_embedding.h5`` and ``status.json`` as the full pipeline does."""
+    from .interop import read_tile_features
+
+    se = models.slide_encoder
+    try:
+        t0 = time.perf_counter()
+        tf = read_tile_features(slide.path, level0_mpp=slide.mpp, coords_unit=cfg.inputs.coords_unit,
+                                tile_size=cfg.inputs.tile_size, key_prefix="inputs.",
+                                keys={"level0_mpp": "inputs.mpp"})
+        row.update(n_tiles=len(tf), reader=f"features:{tf.source_format}", weights=f"slide_encoder={se.weights_source}")
+        if len(tf) == 0:
+            row["reason"] = "zero tiles in the feature file"
+        else:
+            embed_tile_features(se, tf, slide_dir,
+                                {**common, "fingerprint": fp["slide_encoder"], "slide_encoder": cfg.slide_encoder.name,
+                                 "weights_source": se.weights_source, "embed_dim": int(se.embed_dim)},
+                                device=models.device, precision=cfg.slide_encoder.precision)
+        row["seconds_slide_encoder"] = round(time.perf_counter() - t0, 3)
+        row["status"] = "ok"
+    except ConfigError:
+        raise
+    except GigapathError as err:
+        row.update(reason=str(err), error_type=type(err).__name__)
+    except Exception as err:  # an unexpected failure fails this slide only
         log.debug("slide %s failed:\n%s", slide.slide_id, traceback.format_exc())
         row.update(reason=f"{slide.path}: unexpected {type(err).__name__}: {err}", error_type=type(err).__name__)
     row["seconds_total"] = round(time.perf_counter() - t_start, 3)

@@ -189,7 +189,7 @@ def _finetune_inputs(d: Path) -> Path:
         n = 10 + i
         grid = np.stack([np.arange(n) % 4 * 256, np.arange(n) // 4 * 256], 1)
         write_tile_embeddings(emb / f"slide{i}" / "tile_embeddings.h5",
-                              rng.normal(size=(n, 16)).astype(np.float32) + (i % 2), grid, grid * 2,
+                              rng.normal(size=(n, 16)).astype(np.float32) + (i % 2), grid * 2, grid,
                               {"tile_encoder": "synthetic", "weights_source": "random"})
         rows.append({"slide_id": f"slide{i}", "patient_id": f"p{i}", "y": "pos" if i % 2 else "neg"})
     with open(d / "labels.csv", "w", newline="") as f:

@@ -2,8 +2,9 @@
 
 Outputs in the slide folder (see :mod:`gigapath_core.store`):
 
-- ``tiles.h5``: ``coords`` (N, 2) int64 level-0 px top-left corners, ``grid_coords`` (N, 2) int64 px at
-  ``target_mpp`` (multiples of ``tile_size``: what the slide encoder takes, SPEC §1), ``occupancy`` (N,)
+- ``tiles.h5`` (format_version 2, ``docs/formats.md``): ``coords`` (N, 2) int64 level-0 px top-left corners
+  (with the TRIDENT/CLAM attributes of :mod:`gigapath_core.interop.contract`), ``grid_coords`` (N, 2) int64 px
+  at ``target_mpp`` (multiples of ``tile_size``: what the slide encoder takes, SPEC §1), ``occupancy`` (N,)
   float32; attributes record the reader, source mpp (and whether it was an override), level, read size, the
   tiler's facts (Otsu threshold, tissue fraction, grid size).
 - ``thumbnail.png``: the mask thumbnail with the tissue outline (green), the annotation mask's region (orange)
@@ -209,7 +210,7 @@ def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float]
             "grid_coords": grid.grid_coords.astype(np.int64).reshape(-1, 2),
             "occupancy": grid.occupancy.astype(np.float32),
         },
-        {
+        attrs={
             **attrs,
             "reader": wsi.reader,
             "tiler": tiler.name,
@@ -227,5 +228,19 @@ def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float]
             "tiler_info": grid.info,
             "gigapath_version": __version__,
         },
+        dataset_attrs=tile_coords_attrs(grid, attrs.get("slide_id", ""),
+                                        [float(d) for d in wsi.level_downsamples]),
     )
     return grid
+
+
+def tile_coords_attrs(grid: TileGrid, name: str, level_downsamples: list[float]) -> dict[str, dict]:
+    """``{"coords": ..., "grid_coords": ...}`` dataset attributes of the coordinate contract
+    (:func:`gigapath_core.interop.coords_attrs`) for a tile grid."""
+    from ..interop import coords_attrs, grid_coords_attrs
+
+    level = int(grid.level)
+    ds = level_downsamples[level] if level < len(level_downsamples) else 1.0
+    return {"coords": coords_attrs(float(grid.source_mpp[0]), target_mpp=float(grid.target_mpp),
+                                   tile_size=int(grid.tile_size), name=name, patch_level=level, downsample=ds),
+            "grid_coords": grid_coords_attrs(target_mpp=float(grid.target_mpp), tile_size=int(grid.tile_size))}
