@@ -76,24 +76,32 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 120) -> subpro
 
 
 def run_cli_rusage(*args: str, timeout: float = 60) -> tuple[int, str, int]:
-    """Run the CLI; return ``(exit code, stderr, peak RSS of that one process in KiB)`` (``os.wait4``, so the
-    peak is this child's alone, not the largest of every child the test session started). Killed after
-    ``timeout`` seconds (exit code -9)."""
+    """Run the CLI; return ``(exit code, stderr, peak RSS of that one process in KiB)``. The peak is the CLI
+    process's own ``VmHWM`` (read from /proc at exit: reset by exec, unlike ``ru_maxrss``, which a child inherits
+    from the large test process it was forked from). Killed after ``timeout`` seconds (exit code -9)."""
+    import sys
     import tempfile
-    import threading
 
     env = {**os.environ, "GIGAPATH_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "COLUMNS": "300"}
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([str(GIGAPATH), *args], stdout=subprocess.DEVNULL, stderr=err, env=env)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        status_file = Path(tmp) / "status"
+        code = ("import atexit, pathlib, sys\n"
+                "from gigapath_core.cli import main\n"
+                f"atexit.register(lambda: pathlib.Path({str(status_file)!r}).write_text("
+                "pathlib.Path('/proc/self/status').read_text()))\n"
+                "sys.exit(main(sys.argv[1:]))\n")
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        err.seek(0)
-        return proc.returncode, err.read().decode(errors="replace"), usage.ru_maxrss
+            proc = subprocess.run([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, env=env, timeout=timeout)
+            rc, stderr = proc.returncode, proc.stderr.decode(errors="replace")
+        except subprocess.TimeoutExpired as err:
+            rc, stderr = -9, (err.stderr or b"").decode(errors="replace")
+        peak = 0
+        if status_file.is_file():
+            for line in status_file.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = int(line.split()[1])
+        return rc, stderr, peak
 
 
 @contextlib.contextmanager
