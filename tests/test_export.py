@@ -186,7 +186,8 @@ def test_slide_without_level0_coords_is_refused_where_needed(run_copy):
     res = export_run(run_copy, "clam")
     assert res.exported == ["OS-2-ndpi"]
     refused = {r["slide_id"]: r for r in res.not_exported}
-    assert refused["OS-1-detail"]["status"] == "refused" and "no level-0 coordinates" in refused["OS-1-detail"]["reason"]
+    assert refused["OS-1-detail"]["status"] == "refused"
+    assert "no level-0 coordinates" in refused["OS-1-detail"]["reason"]
     assert refused["corrupt"]["status"] == "failed"
     assert not (run_copy / "export" / "clam" / "h5_files" / "OS-1-detail.h5").exists()
     assert sorted(export_run(run_copy, "prov-gigapath").exported) == IDS  # grid px are all it needs
