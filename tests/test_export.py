@@ -73,6 +73,10 @@ def test_trident_layout_answers_tridents_readers(run_dir):
         pdata, _, pper = _h5(job / "patches" / f"{sid}_patches.h5")  # WSI.extract_tissue_coords
         np.testing.assert_array_equal(pdata["coords"], level0)
         assert pper["coords"]["patch_size_level0"] == 563 and "features" not in pdata
+        # slide features as WSI.extract_slide_features writes them; mean pooling is TRIDENT's mean-<patch encoder>
+        sdata, _, _ = _h5(job / "slide_features_mean-dinov2_vit" / f"{sid}.h5")
+        np.testing.assert_array_equal(sdata["features"], read_h5(run_dir / sid / "slide_embedding.h5")[0]["embedding"])
+        np.testing.assert_allclose(sdata["features"], feats.mean(0), rtol=1e-5, atol=1e-6)
     assert sorted(res.exported) == IDS and res.not_exported[0]["slide_id"] == "corrupt"
 
 
@@ -175,7 +179,7 @@ def test_v1_and_v2_runs_export_the_same(run_copy, tmp_path):
             export_run(run_copy, fmt, tmp_path / f"v{version}" / fmt)
         outs[version] = {p.relative_to(tmp_path / f"v{version}"): _h5(p)[0]
                          for p in sorted((tmp_path / f"v{version}").rglob("*.h5"))}
-    assert outs[1].keys() == outs[2].keys() and len(outs[1]) == 4 * len(IDS)
+    assert outs[1].keys() == outs[2].keys() and len(outs[1]) == 5 * len(IDS)  # trident: 3 files
     for rel, data in outs[1].items():
         for k, v in data.items():
             np.testing.assert_array_equal(v, outs[2][rel][k], err_msg=f"{rel}:{k}")

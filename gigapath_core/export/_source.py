@@ -47,7 +47,8 @@ class SlideFeatures:
         level, read_size: pyramid level read and the square size read there (CLAM's ``patch_level``/``patch_size``).
         level_dimensions: (width, height) of each level, level 0 first, or empty when unknown.
         slide_path: the slide file the run read.
-        slide_embedding: (D,) or (L, D) float32 from ``slide_embedding.h5``, or None.
+        slide_embedding: (D,) or (L, D) float32 from ``slide_embedding.h5``, or None; ``slide_encoder`` and
+            ``slide_encoder_weights`` name the plugin and its weights source.
         attrs: root attributes of ``tile_embeddings.h5``.
     """
 
@@ -66,6 +67,7 @@ class SlideFeatures:
     slide_path: str
     slide_embedding: np.ndarray | None = None
     slide_encoder: str = ""
+    slide_encoder_weights: str = ""
     attrs: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -160,10 +162,10 @@ def read_slide(slide_dir: str | Path) -> SlideFeatures:
     if len(features) != len(grid) or (coords is not None and len(coords) != len(grid)):
         raise SlideError(emb_path, f"row counts differ: features {len(features)}, grid_coords {len(grid)}, "
                          f"coords {None if coords is None else len(coords)}")
-    slide_emb, se_name = None, ""
+    slide_emb, sroot = None, {}
     if (slide_dir / SLIDE_FILE).is_file():
         sdata, sroot, _ = _read(slide_dir / SLIDE_FILE)
-        slide_emb, se_name = sdata.get("embedding"), str(sroot.get("slide_encoder", ""))
+        slide_emb = sdata.get("embedding")
     read_size = tattrs.get("read_size", cattrs.get("patch_size") if "patch_level" in cattrs else None)
     return SlideFeatures(
         slide_id=slide_dir.name,
@@ -176,7 +178,8 @@ def read_slide(slide_dir: str | Path) -> SlideFeatures:
         level_dimensions=_json_list(tattrs.get("level_dimensions")),
         slide_path=str(tattrs.get("slide_path", root.get("slide_path", ""))),
         slide_embedding=None if slide_emb is None else np.asarray(slide_emb, dtype=np.float32),
-        slide_encoder=se_name, attrs=root,
+        slide_encoder=str(sroot.get("slide_encoder", "")), slide_encoder_weights=str(sroot.get("weights_source", "")),
+        attrs=root,
     )
 
 

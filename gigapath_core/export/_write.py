@@ -76,3 +76,16 @@ def level0_patch_size(sf: SlideFeatures) -> int:
     """
     side = sf.tile_size_level0
     return int(round(side)) if abs(side - round(side)) < 1e-6 else int(math.floor(side))
+
+
+def slide_encoder_name(sf: SlideFeatures, tile_encoder: str) -> str:
+    """Slide-encoder name for TRIDENT's ``slide_features_<name>/`` folder (trident/slide_encoder_models/load.py).
+
+    LongNet with the Prov-GigaPath weights -> ``gigapath``; mean pooling -> ``mean-<tile encoder>`` (TRIDENT's
+    ``mean-<patch encoder>`` naming, trident/Processor.py ``run_slide_feature_extraction_job``); else our name.
+    """
+    if sf.slide_encoder == "longnet" and "prov-gigapath" in sf.slide_encoder_weights.lower():
+        return "gigapath"
+    if sf.slide_encoder == "mean":
+        return f"mean-{tile_encoder}"
+    return sf.slide_encoder or "unknown"

@@ -4,6 +4,8 @@
 
     DEST/20x_256px_0px_overlap/patches/<slide>_patches.h5      coords (N, 2) int64 level-0 px
     DEST/20x_256px_0px_overlap/features_<encoder>/<slide>.h5   features (N, D) float32; coords (N, 2) int64 level-0 px
+    DEST/20x_256px_0px_overlap/slide_features_<slide encoder>/<slide>.h5   features (D,) float32; coords as above
+                                                               (only when the run has a one-vector slide embedding)
 
 Layout and names as TRIDENT writes and reads them:
 
@@ -13,7 +15,8 @@ Layout and names as TRIDENT writes and reads them:
 - attributes on the ``coords`` dataset (trident/IO.py ``coords_to_h5``): ``patch_size`` (px at the target
   magnification), ``patch_size_level0``, ``level0_magnification``, ``target_magnification``, ``overlap``,
   ``name``, ``savetodir``, ``level0_width``, ``level0_height``; on ``features``: ``name``, ``savetodir``,
-  ``encoder`` (trident/wsi_objects/WSI.py ``extract_patch_features``);
+  ``encoder`` (trident/wsi_objects/WSI.py ``extract_patch_features``); slide features as
+  ``WSI.extract_slide_features`` writes them (``features`` (D,), ``coords``, attributes ``name``/``savetodir``);
 - readers: ``WSI.extract_patch_features`` reads ``patch_size``/``level0_magnification``/``target_magnification``
   and reads a region of ``round(patch_size * level0_mag / target_mag)`` level-0 px (trident/wsi_objects/
   WSIPatcher.py, where ``pixel_size = 10 / mag``); ``WSI.extract_slide_features`` passes the coords attributes to
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ._source import SlideFeatures
-from ._write import encoder_name, level0_patch_size, provenance, write_h5
+from ._write import encoder_name, level0_patch_size, provenance, slide_encoder_name, write_h5
 
 FORMAT = "trident"
 
@@ -83,4 +86,12 @@ def export_slide(sf: SlideFeatures, dest: Path, *, encoder: str | None = None) -
                      {"features": sf.features.astype(np.float32), "coords": coords},
                      {"features": {"name": sf.slide_id, "savetodir": str(feats_dir), "encoder": enc},
                       "coords": cattrs}, root)
-    return [feats, patches]
+    written = [feats, patches]
+    if sf.slide_embedding is not None and sf.slide_embedding.ndim == 1:  # (L, D) per-layer outputs have no
+        slide_dir = job / f"slide_features_{slide_encoder_name(sf, enc)}"  # TRIDENT counterpart: left out
+        written.append(write_h5(slide_dir / f"{sf.slide_id}.h5",
+                                {"features": sf.slide_embedding.astype(np.float32), "coords": coords},
+                                {"features": {"name": sf.slide_id, "savetodir": str(slide_dir)}, "coords": cattrs},
+                                {**root, "slide_encoder": sf.slide_encoder,
+                                 "slide_encoder_weights": sf.slide_encoder_weights}))
+    return written
