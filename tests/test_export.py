@@ -209,6 +209,8 @@ def test_cli_summary_listing_and_errors(run_dir, tmp_path, capsys):
     assert not list(dest.rglob(".gigapath-tmp-*"))
     assert main(["export", str(run_dir), "--format", "clam", "--cohort"]) == 2
     assert "export.cohort: --cohort applies to --format anndata only" in capsys.readouterr().err
+    assert main(["export", str(run_dir), "--format", "trident", "--encoder", "../up"]) == 2
+    assert "export.encoder: '../up' is not a plain name" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nope"), "--format", "stamp"]) == 2
     assert "export.out:" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # argparse choices

@@ -18,6 +18,7 @@ Default ``DEST`` is ``OUT/export/<format>/``.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -79,10 +80,14 @@ def export_run(out: str | Path, fmt: str, dest: str | Path | None = None, *, coh
         encoder: tile-encoder name for TRIDENT's ``features_<encoder>`` folder and STAMP's ``extractor``
             (default: the ecosystem's name of a known model, e.g. ``gigapath``, else our plugin name).
     Raises:
-        ConfigError: unknown format, ``cohort`` with another format, ``out`` not a run folder, or anndata missing.
+        ConfigError: unknown format, ``cohort`` with another format, ``encoder`` not a plain name, ``out`` not a
+            run folder, or anndata missing.
     """
     if fmt not in FORMATS:
         raise ConfigError("export.format", f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if encoder is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", encoder):
+        raise ConfigError("export.encoder", f"{encoder!r} is not a plain name (letters, digits, '.', '_', '-'); it "
+                                            "becomes a folder name (features_<encoder>) and STAMP's extractor")
     if cohort and fmt != "anndata":
         raise ConfigError("export.cohort", f"--cohort applies to --format anndata only, not {fmt!r}")
     out = Path(out)
