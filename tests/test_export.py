@@ -223,3 +223,12 @@ def test_anndata_missing_names_the_extra(run_dir, monkeypatch):
     with pytest.raises(ConfigError, match=r"pip install 'gigapath-core\[anndata\]'"):
         export_run(run_dir, "anndata", run_dir / "never")
     assert not (run_dir / "never").exists()
+
+
+def test_unreadable_slide_file_fails_that_slide_only(run_copy):
+    (run_copy / "OS-2-ndpi" / "tiles.h5").write_bytes(b"\x89HDF\r\n\x1a\n truncated")
+    res = export_run(run_copy, "stamp")
+    assert res.exported == ["OS-1-detail"]
+    reason = {r["slide_id"]: r["reason"] for r in res.not_exported}["OS-2-ndpi"]
+    assert "tiles.h5: cannot read" in reason
+    assert json.loads((run_copy / "export" / "stamp" / "export.json").read_text())["exported"] == ["OS-1-detail"]

@@ -110,6 +110,13 @@ def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, 
     return data, root, per
 
 
+def _read_or_fail(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, dict[str, Any]]]:
+    try:
+        return _read(path)
+    except OSError as err:  # truncated or not HDF5: this slide fails, the export goes on
+        raise SlideError(path, f"cannot read: {err}") from None
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, bytes):
         v = v.decode()
@@ -137,13 +144,8 @@ def read_slide(slide_dir: str | Path) -> SlideFeatures:
     emb_path = slide_dir / EMBEDDINGS_FILE
     if not emb_path.is_file():
         raise SlideError(emb_path, "missing: the run has no tile embeddings for this slide (no tile_encoder stage?)")
-    try:
-        data, root, per = _read(emb_path)
-    except OSError as err:
-        raise SlideError(emb_path, f"cannot read: {err}") from None
-    tattrs: dict[str, Any] = {}
-    if (slide_dir / TILES_FILE).is_file():
-        _, tattrs, _ = _read(slide_dir / TILES_FILE)
+    data, root, per = _read_or_fail(emb_path)
+    tattrs = _read_or_fail(slide_dir / TILES_FILE)[1] if (slide_dir / TILES_FILE).is_file() else {}
     if "features" not in data or "coords" not in data:
         raise SlideError(emb_path, f"not a tile-embeddings file: datasets {sorted(data)}, need features and coords")
     version = int(root.get("format_version", 1))
@@ -164,16 +166,17 @@ def read_slide(slide_dir: str | Path) -> SlideFeatures:
                          f"coords {None if coords is None else len(coords)}")
     slide_emb, sroot = None, {}
     if (slide_dir / SLIDE_FILE).is_file():
-        sdata, sroot, _ = _read(slide_dir / SLIDE_FILE)
+        sdata, sroot, _ = _read_or_fail(slide_dir / SLIDE_FILE)
         slide_emb = sdata.get("embedding")
-    read_size = tattrs.get("read_size", cattrs.get("patch_size") if "patch_level" in cattrs else None)
+    gattrs = per.get("grid_coords", {})
+    read_size = tattrs.get("read_size")  # no tiles.h5 (foreign features): exporters fall back to level 0
     return SlideFeatures(
         slide_id=slide_dir.name,
         features=features, coords=coords, grid_coords=grid, level0_mpp=mpp,
-        tile_size=int(tattrs.get("tile_size", root.get("tile_size", 256))),
-        target_mpp=float(tattrs.get("target_mpp", root.get("target_mpp", 0.5))),
+        tile_size=int(tattrs.get("tile_size", gattrs.get("tile_size", root.get("tile_size", 256)))),
+        target_mpp=float(tattrs.get("target_mpp", gattrs.get("target_mpp", root.get("target_mpp", 0.5)))),
         tile_encoder=str(root.get("tile_encoder", "")), weights_source=str(root.get("weights_source", "")),
-        level=int(tattrs.get("level", cattrs.get("patch_level", 0))),
+        level=int(tattrs.get("level", 0)),
         read_size=None if read_size is None else int(read_size),
         level_dimensions=_json_list(tattrs.get("level_dimensions")),
         slide_path=str(tattrs.get("slide_path", root.get("slide_path", ""))),
