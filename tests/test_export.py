@@ -232,3 +232,22 @@ def test_unreadable_slide_file_fails_that_slide_only(run_copy):
     reason = {r["slide_id"]: r["reason"] for r in res.not_exported}["OS-2-ndpi"]
     assert "tiles.h5: cannot read" in reason
     assert json.loads((run_copy / "export" / "stamp" / "export.json").read_text())["exported"] == ["OS-1-detail"]
+
+
+def test_ecosystem_names_of_known_encoders():
+    from gigapath_core.export._source import SlideFeatures
+    from gigapath_core.export._write import encoder_name, slide_encoder_name
+
+    def sf(tile, weights, slide="", slide_weights=""):
+        return SlideFeatures("s", np.zeros((0, 2), np.float32), None, np.zeros((0, 2), np.int64), (0.25, 0.25), 256,
+                             0.5, tile, weights, 0, None, [], "", slide_encoder=slide,
+                             slide_encoder_weights=slide_weights)
+
+    gp_tile = sf("dinov2_vit", "hf_hub:prov-gigapath/prov-gigapath/pytorch_model.bin", "longnet",
+                 "/w/prov-gigapath/slide_encoder.pth")
+    # TRIDENT enc_name / STAMP ExtractorName of Prov-GigaPath: 'gigapath' (trident/patch_encoder_models/load.py)
+    assert encoder_name(gp_tile) == "gigapath" and slide_encoder_name(gp_tile, "gigapath") == "gigapath"
+    assert encoder_name(sf("dinov2_vit", "hf_hub:timm/vit_small_patch14_dinov2.lvd142m")) == "dinov2_vit"
+    assert encoder_name(gp_tile, "uni_v1") == "uni_v1"
+    assert slide_encoder_name(sf("ctranspath", "x", "mean"), "ctranspath") == "mean-ctranspath"
+    assert slide_encoder_name(sf("dinov2_vit", "random", "longnet", "random"), "dinov2_vit") == "longnet"
