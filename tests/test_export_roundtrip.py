@@ -55,3 +55,20 @@ def test_export_then_import_gives_the_same_features_and_grid_cells(exported, fmt
             assert tf.level0_mpp == pytest.approx(mpp, rel=1e-6)
         if sid == "OS-2-ndpi":  # 3 x 3 grid minus one tile: consecutive cells 0, 1, 2, not 0, 2, 4
             assert sorted(set((tf.grid_coords // 256).ravel().tolist())) == [0, 1, 2]
+
+
+def test_a_run_on_exported_features_exports_again(exported, tmp_path):
+    """embed ``inputs.features`` on the TRIDENT export (no re-tiling), then export that run: same tiles."""
+    import gigapath_core as gp
+
+    feats_dir = exported / "export" / "trident" / FILES["trident"][0].rsplit("/", 1)[0]
+    cfg = {"inputs": {"features": str(feats_dir)}, "slide_encoder": {"name": "mean", "params": {"in_dim": 384}}}
+    run2 = tmp_path / "run2"
+    assert gp.run(cfg, out=str(run2)) == 0
+    res = export_run(run2, "clam")
+    assert sorted(res.exported) == IDS
+    for sid in IDS:
+        feats, level0, grid = embeddings(exported / sid)
+        data = read_h5(run2 / "export" / "clam" / "h5_files" / f"{sid}.h5")[0]
+        np.testing.assert_array_equal(data["features"], feats)
+        np.testing.assert_array_equal(data["coords"], level0)  # level-0 px survive the TRIDENT detour

@@ -7,7 +7,11 @@ Reads both layouts of ``tile_embeddings.h5`` (docs/formats.md):
 
 The level-0 mpp and the read geometry (``level``, ``read_size``, ``level_dimensions``) come from ``tiles.h5``'s
 root attributes (``source_mpp_x``/``source_mpp_y``), else from attributes on the ``coords`` dataset or the root of
-``tile_embeddings.h5`` (``level0_mpp``; a slide embedded from foreign features has no ``tiles.h5``).
+``tile_embeddings.h5`` (``level0_mpp``).
+
+A slide of an embed run on existing features (``inputs.features``; ``status.json`` ``reader`` = ``features:<fmt>``)
+has no ``tile_embeddings.h5``: its tiles are read back from the feature file named in ``status.json``
+``slide_path`` with the importer (``gigapath_core.interop.read_tile_features``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SlideError
+from ..errors import GigapathError, SlideError
 from ..store import read_status
 
 EMBEDDINGS_FILE = "tile_embeddings.h5"
@@ -143,6 +147,9 @@ def read_slide(slide_dir: str | Path) -> SlideFeatures:
     slide_dir = Path(slide_dir)
     emb_path = slide_dir / EMBEDDINGS_FILE
     if not emb_path.is_file():
+        status = read_status(slide_dir) or {}
+        if str(status.get("reader", "")).startswith("features:") and status.get("slide_path"):
+            return _read_foreign(slide_dir, Path(status["slide_path"]))
         raise SlideError(emb_path, "missing: the run has no tile embeddings for this slide (no tile_encoder stage?)")
     data, root, per = _read_or_fail(emb_path)
     tattrs = _read_or_fail(slide_dir / TILES_FILE)[1] if (slide_dir / TILES_FILE).is_file() else {}
@@ -184,6 +191,35 @@ def read_slide(slide_dir: str | Path) -> SlideFeatures:
         slide_encoder=str(sroot.get("slide_encoder", "")), slide_encoder_weights=str(sroot.get("weights_source", "")),
         attrs=root,
     )
+
+
+def _read_foreign(slide_dir: Path, path: Path) -> SlideFeatures:
+    """Tiles of a slide embedded from an existing feature file (TRIDENT, CLAM, STAMP, prov-gigapath, ours)."""
+    try:
+        from ..interop import read_tile_features
+    except ImportError:
+        raise SlideError(path, "the run read this slide's tiles from this feature file, and this version of "
+                               "gigapath-core has no reader for it (gigapath_core.interop)") from None
+    try:
+        tf = read_tile_features(path)
+    except (GigapathError, OSError) as err:
+        raise SlideError(path, f"cannot read the tile features the run used: {err}") from None
+    a = tf.attrs
+    sdata, sroot = {}, {}
+    if (slide_dir / SLIDE_FILE).is_file():
+        sdata, sroot, _ = _read_or_fail(slide_dir / SLIDE_FILE)
+    emb = sdata.get("embedding")
+    mpp = None if tf.level0_mpp is None else (float(tf.level0_mpp), float(tf.level0_mpp))
+    return SlideFeatures(
+        slide_id=slide_dir.name, features=np.asarray(tf.features, dtype=np.float32),
+        coords=None if tf.coords is None else np.asarray(tf.coords, dtype=np.int64).reshape(-1, 2),
+        grid_coords=np.asarray(tf.grid_coords, dtype=np.int64).reshape(-1, 2), level0_mpp=mpp,
+        tile_size=int(tf.tile_size), target_mpp=float(tf.target_mpp),
+        tile_encoder=str(a.get("tile_encoder") or a.get("extractor") or a.get("encoder") or ""),
+        weights_source=str(a.get("weights_source", "")), level=0, read_size=None, level_dimensions=[],
+        slide_path=str(path), slide_embedding=None if emb is None else np.asarray(emb, dtype=np.float32),
+        slide_encoder=str(sroot.get("slide_encoder", "")), slide_encoder_weights=str(sroot.get("weights_source", "")),
+        attrs=dict(a))
 
 
 def _level0_mpp(tattrs: dict, cattrs: dict, root: dict) -> tuple[float, float] | None:
