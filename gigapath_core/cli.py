@@ -85,7 +85,7 @@ def cmd_export(args) -> int:
 
     res = export_run(args.out, args.format, args.dest, cohort=args.cohort, encoder=args.encoder)
     print(res.summary())
-    return 0
+    return 1 if any(r["status"] == "refused" for r in res.not_exported) else 0  # slides failed in the run: 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -195,6 +195,8 @@ def test_slide_without_level0_coords_is_refused_where_needed(run_copy):
     assert refused["corrupt"]["status"] == "failed"
     assert not (run_copy / "export" / "clam" / "h5_files" / "OS-1-detail.h5").exists()
     assert sorted(export_run(run_copy, "prov-gigapath").exported) == IDS  # grid px are all it needs
+    assert main(["export", str(run_copy), "--format", "trident"]) == 1  # a slide refused: exit 1
+    assert main(["export", str(run_copy), "--format", "stamp"]) == 0  # only the run's own failure left out
 
 
 def test_cli_summary_listing_and_errors(run_dir, tmp_path, capsys):
