@@ -127,6 +127,11 @@ class SlideReader(Plugin, abc.ABC):
     """Opens slide files of the formats it supports. Readers are tried in the configured order."""
 
     kind: ClassVar[str] = "slide_reader"
+    #: False when the reader's library keeps process-wide runtime state (thread pools, caches) that a child
+    #: made by ``fork`` inherits but cannot use: libvips' thread set makes a forked worker block forever in its
+    #: first pixel read (issue #11). DataLoader workers reading with such a reader are started with
+    #: ``forkserver`` instead (:mod:`gigapath_core.stages.worker_start`).
+    fork_safe: ClassVar[bool] = True
 
     @abc.abstractmethod
     def open(self, path: str) -> WSI:

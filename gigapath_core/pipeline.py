@@ -64,7 +64,7 @@ _MODELS: dict[str, Models] = {}
 
 
 def _stage_dump(stage) -> dict | None:
-    return None if stage is None else stage.model_dump()
+    return None if stage is None else stage.model_dump(exclude=set(getattr(stage, "RUNTIME_KEYS", ())))
 
 
 def fingerprints(cfg: PipelineConfig, slide: SlideInput) -> dict[str, str]:
@@ -217,7 +217,8 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
 
                 feats = embed_tiles(te, ds, batch_size=cfg.tile_encoder.batch_size,
                                     num_workers=loader_workers(cfg.tile_encoder.num_workers, models.device),
-                                    device=models.device, precision=cfg.tile_encoder.precision, on_batch=tick)
+                                    device=models.device, precision=cfg.tile_encoder.precision, on_batch=tick,
+                                    batch_timeout_s=cfg.tile_encoder.batch_timeout_s)
                 if cfg.save_tile_png:
                     _save_tile_pngs(ds, slide_dir / "tiles", tiles["grid_coords"])
                 write_tile_embeddings(slide_dir / EMBEDDINGS_FILE, feats, tiles["grid_coords"], tiles["coords"],
