@@ -82,7 +82,7 @@ class Watchdog:
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+def exit_with_parent(parent_pid: int, poll_s: float = 1.0, pdeathsig: bool = True) -> None:
     """Make this process end (SIGKILL, as if killed with its parent) once ``parent_pid`` is gone.
 
     Call it first thing in a worker process (a pool initializer). Linux delivers SIGKILL at once through
@@ -90,8 +90,13 @@ def exit_with_parent(parent_pid: int, poll_s: float = 1.0) -> None:
     from the thread running the executor, which lives as long as the run); the polling thread covers other
     platforms and a parent that died before this call. Exiting like a ``kill -9`` is safe: every output is
     written atomically and a dead process's slide lock is taken over by the next run.
+
+    Args:
+        parent_pid: the pid of the process that started this one (``os.getpid()`` there).
+        poll_s: period of the polling thread (s).
+        pdeathsig: use ``PR_SET_PDEATHSIG`` where available (False: the polling thread only).
     """
-    if sys.platform.startswith("linux"):
+    if pdeathsig and sys.platform.startswith("linux"):
         try:
             import ctypes
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, SlideError
+from ..errors import ConfigError, NonFiniteError, SlideError
 from ..kinds import SlideEncoder
 from ..store import read_h5, write_h5
-from .tile_embedding import autocast_context
+from .tile_embedding import autocast_context, resolved_precision
 
 log = logging.getLogger("gigapath")
 
@@ -62,8 +62,10 @@ def run_slide_embedding(encoder: SlideEncoder, slide_dir: Path, tile_file: str, 
     (returns None).
 
     Raises:
-        SlideError: the tile embeddings are not finite, or their coordinates do not fit the encoder (named in
-            the message); the pipeline records it for this slide and goes on.
+        NonFiniteError: the input tile embeddings or the slide embedding are not finite (names the stage, the
+            count and the likely cause; nothing is written).
+        SlideError: the tile coordinates do not fit the encoder (named in the message); the pipeline records
+            it for this slide and goes on.
         ConfigError: the encoder does not take tile embeddings of this width (affects every slide).
     """
     path = Path(slide_dir) / tile_file
@@ -73,10 +75,13 @@ def run_slide_embedding(encoder: SlideEncoder, slide_dir: Path, tile_file: str, 
     if n == 0:
         return None
     finite = np.isfinite(features).all(axis=1)
-    if not finite.all():
+    if not finite.all():  # the tile-embedding stage never writes these: an old gigapath or another tool did
         i = int(np.argmin(finite))
-        raise SlideError(path, f"tile embedding {i} (grid px {tuple(int(v) for v in coords[i])}) is not finite "
-                               f"({int((~finite).sum())} of {n} tiles); re-run the tile-embedding stage")
+        raise NonFiniteError(path, f"slide-embedding stage: the input tile embeddings are non-finite (NaN/Inf) "
+                                   f"for {int((~finite).sum())} of {n} tiles, first tile {i} (grid px "
+                                   f"{tuple(int(v) for v in coords[i])}), written by tile encoder "
+                                   f"{tile_attrs.get('tile_encoder', '?')!r} (weights "
+                                   f"{tile_attrs.get('weights_source', '?')}); delete {tile_file} to recompute it")
     t0 = time.perf_counter()
     try:
         emb = encode_slide(encoder, features, coords, device=device, precision=precision)
@@ -86,8 +91,14 @@ def run_slide_embedding(encoder: SlideEncoder, slide_dir: Path, tile_file: str, 
         raise SlideError(path, str(err)) from None
     log.debug("slide encoder: %d tiles in %.2f s", n, time.perf_counter() - t0)
     if not np.isfinite(emb).all():
-        raise SlideError(path, f"the slide encoder returned a non-finite embedding (precision {precision!r}; "
-                               f"try precision: fp32)")
+        used = resolved_precision(torch.device(device), precision)
+        cause = "check the weights (a NaN/Inf parameter or a checkpoint for another architecture)"
+        if used != "fp32":
+            cause += f", or the {used} autocast overflowed: try slide_encoder.precision: fp32"
+        raise NonFiniteError(path, f"slide-embedding stage: slide encoder {attrs.get('slide_encoder', type(encoder).name)!r} "
+                                   f"(weights {getattr(encoder, 'weights_source', '?')}) produced a non-finite "
+                                   f"slide embedding ({int((~np.isfinite(emb)).sum())} of {emb.size} values NaN/Inf) "
+                                   f"from {n} finite tile embeddings; {cause}")
     write_h5(Path(slide_dir) / SLIDE_FILE, {"embedding": emb.astype(np.float32)},
              {**attrs, "n_tiles": int(n), "coords_unit": "grid px at 0.5 um/px",
               "embedding_layout": "per_layer" if emb.ndim == 2 else "slide",

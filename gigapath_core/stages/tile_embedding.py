@@ -251,7 +251,20 @@ def _loader_failure(err: RuntimeError, slide_path: str, reader, workers: int, ti
 
 def _kill_workers(batches) -> None:
     """SIGKILL the reader workers of a stalled loader (a worker blocked in native code ignores the polite
-    shutdown, which would then wait 5 s per worker before terminating it)."""
+    shutdown, which would then wait 5 s per worker before terminating it).
+
+    Their pids are first taken off torch's SIGCHLD watch (as the loader's own shutdown does before it
+    terminates workers), else torch raises "worker killed" over the stall being reported. Uses torch
+    internals (``_utils.signal_handling._remove_worker_pids``); if they change, the loader's own shutdown
+    stops the workers, only more slowly."""
+    try:
+        from torch.utils.data._utils import signal_handling
+
+        if getattr(batches, "_worker_pids_set", False):
+            signal_handling._remove_worker_pids(id(batches))
+            batches._worker_pids_set = False
+    except Exception:  # pragma: no cover - torch internals changed
+        return
     for w in getattr(batches, "_workers", []):
         with contextlib.suppress(Exception):
             if w.is_alive():
