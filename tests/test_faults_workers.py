@@ -379,6 +379,46 @@ def test_exit_with_parent(tmp_path, pdeathsig):
                 proc.kill()
 
 
+def test_reader_workers_die_with_a_killed_stage(tmp_path):
+    """A reader worker blocked in its slide library (here: asleep) dies with the process running the stage
+    when that is killed with ``kill -9`` (torch's own parent check only runs between batches)."""
+    script = textwrap.dedent(f"""
+        import os, time, torch
+        from pathlib import Path
+        from torch.utils.data import Dataset
+        from gigapath_core.stages.tile_embedding import embed_tiles
+
+        class Enc(torch.nn.Module):
+            embed_dim = 4
+            def forward(self, x):
+                return x.flatten(1)[:, :4]
+
+        class Asleep(Dataset):
+            def __len__(self):
+                return 8
+            def __getitem__(self, i):
+                Path({str(tmp_path)!r}, f"worker-{{os.getpid()}}.pid").touch()
+                time.sleep(120)
+
+        embed_tiles(Enc(), Asleep(), batch_size=4, num_workers=2, batch_timeout_s=600)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], env=_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("worker-*.pid"))) < 2:
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        workers = [psutil.Process(int(f.stem.split("-")[1])) for f in tmp_path.glob("worker-*.pid")]
+        p.kill()
+        p.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=5)
+        assert not alive, f"reader workers outlived the killed stage: {alive}"
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
 def test_pool_workers_die_with_a_killed_run(tmp_path, example_slide):
     """Issue #11.7: ``kill -9`` of a run with ``workers: 2`` left both pool workers alive (1.4 GB each)."""
     slides = tmp_path / "slides"

@@ -18,6 +18,7 @@ within ``tile_encoder.batch_timeout_s`` is a :class:`~gigapath_core.errors.Stage
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import NonFiniteError, ReaderWorkerDiedError, SlideError, SlideReadError, StageStalledError
 from ..kinds import TileEncoder
-from ..watchdog import Watchdog
+from ..watchdog import Watchdog, exit_with_parent
 from .worker_start import loader_context
 
 EMBEDDINGS_FILE = "tile_embeddings.h5"
@@ -167,7 +168,7 @@ def embed_tiles(encoder: TileEncoder, dataset: Dataset, *, batch_size: int = 32,
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if workers else None, timeout=batch_timeout_s if workers else 0,
-                        multiprocessing_context=context)
+                        multiprocessing_context=context, worker_init_fn=_reader_worker_init if workers else None)
     channels_last = use_channels_last(encoder)
     encoder.to(device).eval()
     if channels_last:
@@ -226,6 +227,13 @@ def embed_tiles(encoder: TileEncoder, dataset: Dataset, *, batch_size: int = 32,
     if not seen.all():  # pragma: no cover - a dataset that skips indices
         raise RuntimeError(f"tile embedding produced {int(seen.sum())} of {n} rows")
     return out
+
+
+def _reader_worker_init(worker_id: int) -> None:
+    """In each reader worker: end with the process that started it (the stage's process, or the forkserver,
+    which ends with it), even when that process is killed with ``kill -9`` while this worker is blocked in a
+    slide library (torch's own check only runs between batches)."""
+    exit_with_parent(os.getppid())
 
 
 def _loader_failure(err: RuntimeError, slide_path: str, reader, workers: int, timeout: float, done: int,
