@@ -11,7 +11,6 @@ group), so a regression shows as a failure, never as a hung test run.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil

@@ -197,10 +197,10 @@ def embed_tiles(encoder: TileEncoder, dataset: Dataset, *, batch_size: int = 32,
                 images = images.to(device, non_blocking=True)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                feats = encoder(images).float()
+                feats = encoder(images).float().cpu().numpy()
                 rows = idx.numpy()
-                nonfinite[rows] = ~torch.isfinite(feats).all(dim=1).cpu().numpy()
-                out[rows] = feats.cpu().numpy()
+                nonfinite[rows] = ~np.isfinite(feats).all(axis=1)
+                out[rows] = feats
                 seen[rows] = True
                 dog.beat()
                 if on_batch:
