@@ -163,8 +163,12 @@ def _die(path):
 
 @pytest.fixture
 def faulty_readers(monkeypatch):
+    import multiprocessing
+
     from gigapath_core.plugins import PluginInfo, get_plugin_manager
 
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the test readers are registered in this process only: forked workers inherit them")
     table = get_plugin_manager().plugins["slide_reader"]
     for name, fault in (("stall_test", _stall), ("crash_test", _die)):
         cls = _faulty_reader(name, fault)
