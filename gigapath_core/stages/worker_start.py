@@ -9,10 +9,11 @@ waits forever (issue #11: a PNG slide read with ``readers: [pyvips]`` and ``num_
 process started once per parent process that has imported torch, gigapath and every plugin
 (:mod:`gigapath_core.stages._forkserver_preload`) but has never decoded a pixel.
 
-Start-up cost per DataLoader (2 workers, first batch of 2 tiles, 2 shared CPU cores; ``benchmarks`` notes in
-``docs/tile_encoders.md``): fork ~0.1 s; forkserver without preload 4-10 s; spawn 5-18 s; forkserver with the
-preload below ~0.5 s after the server's one-time start. Hence fork stays the default for fork-safe readers
-(openslide, tifffile, tiatoolbox) and pyvips pays the forkserver's small cost.
+Time to the first batch of a DataLoader with 2 workers (``benchmarks/worker_start.py``, results in
+``benchmarks/results/worker_start.json``; 2 shared CPU cores): fork 0.2-0.3 s; forkserver with the preload
+below 0.4 s, after a one-time server start of ~7 s; forkserver without it 13-19 s (every worker imports
+torchvision and the plugins); spawn 18-20 s. Hence fork stays the method for fork-safe readers (openslide,
+tifffile, tiatoolbox) and pyvips pays the forkserver's small cost.
 
 Where the platform's default start method is not ``fork`` (macOS, Windows, Python >= 3.14 on Linux), the
 default is used: it never copies a parent's library state.
