@@ -276,6 +276,36 @@ def test_nan_tile_encoder_weights_fail_the_slide_at_the_tile_stage(tmp_path, exa
     assert not (slide_dir / "tile_embeddings.h5").exists() and not (slide_dir / "slide_embedding.h5").exists()
 
 
+def test_non_finite_hint_names_reduced_precision():
+    """Under fp16/bf16 autocast the likely cause includes an overflow, with the key that turns it off."""
+    import torch
+    from torch.utils.data import Dataset
+
+    from gigapath_core.stages.tile_embedding import embed_tiles
+
+    class Overflow(torch.nn.Module):
+        embed_dim = 2
+
+        def forward(self, x):
+            return torch.stack([x.flatten(1).sum(1), torch.full((len(x),), float("inf"))], 1)
+
+    class Tiles(Dataset):
+        slide_path, coords = "s.svs", np.array([[0, 0], [256, 0], [512, 0]])
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.ones(3, 2, 2), i, ""
+
+    with pytest.raises(NonFiniteError) as err:
+        embed_tiles(Overflow(), Tiles(), batch_size=3, num_workers=0, precision="bf16")
+    assert str(err.value) == ("s.svs: tile-embedding stage: tile encoder 'Overflow' (weights ?) produced non-finite "
+                              "embeddings (NaN/Inf) for 3 of 3 tiles, first tile 0 at level-0 (0, 0); check the "
+                              "weights (a NaN/Inf parameter or a checkpoint for another architecture), or the bf16 "
+                              "autocast overflowed: try tile_encoder.precision: fp32")
+
+
 def test_nan_slide_encoder_weights_fail_the_slide_at_the_slide_stage(tmp_path, example_slide):
     weights = _nan_weights(tmp_path, "slide_encoder", "longnet", LONGNET)
     cfg = {"inputs": {"slides": [str(example_slide)]}, "device": "cpu", "readers": ["openslide"],
