@@ -15,7 +15,7 @@ import re
 import reprlib
 import stat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
@@ -44,8 +44,13 @@ class StageConfig(Strict):
         None, description="weights source(s); None = the preset's, 'random' = random init (recorded)"
     )
 
+    #: keys that change how a stage runs, not what it computes: left out of its fingerprint (so adding one, or
+    #: changing its value, never makes a finished output look stale)
+    RUNTIME_KEYS: ClassVar[frozenset[str]] = frozenset()
+
 
 class TileEncoderStage(StageConfig):
+    RUNTIME_KEYS: ClassVar[frozenset[str]] = frozenset({"batch_timeout_s"})
     batch_size: StrictInt = Field(32, ge=1, le=MAX_BATCH_SIZE, description="tiles per forward pass (an integer)")
     num_workers: StrictInt | Literal["auto"] = Field(
         "auto", description="DataLoader workers reading and decoding tiles; auto = 0 on CPU (a worker competes with "
@@ -62,6 +67,11 @@ class TileEncoderStage(StageConfig):
         return v
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU (bf16 is slower on CPUs without bf16 units)"
+    )
+    batch_timeout_s: float = Field(
+        600.0, gt=0, le=86400, description="longest wait (s) for one tile batch from the reader workers; longer "
+                                         "fails the slide as stalled (StageStalledError). Without workers "
+                                         "(num_workers: 0) it is the delay of a 'no progress' warning"
     )
 
 

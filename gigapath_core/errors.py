@@ -80,3 +80,17 @@ class PixelBudgetError(SlideError):
 class FeatureFileError(SlideError):
     """A tile-feature file is unreadable or inconsistent (missing datasets, row counts that disagree,
     non-finite values); ``path`` is the feature file."""
+
+
+class StageStalledError(SlideError):
+    """A stage waited longer than its limit without progress (e.g. no tile batch from the reader workers within
+    ``tile_encoder.batch_timeout_s``); the message names the stage, the limit and what it waited for."""
+
+
+class ReaderWorkerDiedError(SlideError):
+    """A worker process reading this slide's tiles died (killed, out of memory, a crash in the slide library)."""
+
+
+class NonFiniteError(SlideError):
+    """A model produced NaN or infinite outputs for this slide; the message names the stage, the count and the
+    likely cause (weights, reduced precision). Nothing is written for that stage."""

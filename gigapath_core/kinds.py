@@ -150,6 +150,11 @@ class SlideReader(Plugin, abc.ABC):
     """Opens slide files of the formats it supports. Readers are tried in the configured order."""
 
     kind: ClassVar[str] = "slide_reader"
+    #: False when the reader's library keeps process-wide runtime state (thread pools, caches) that a child
+    #: made by ``fork`` inherits but cannot use: libvips' thread set makes a forked worker block forever in its
+    #: first pixel read (issue #11). DataLoader workers reading with such a reader are started with
+    #: ``forkserver`` instead (:mod:`gigapath_core.stages.worker_start`).
+    fork_safe: ClassVar[bool] = True
 
     def unavailable_reason(self) -> str | None:
         """None if this reader can open files here, else why not (e.g. its optional library is missing), with

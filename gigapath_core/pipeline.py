@@ -79,7 +79,7 @@ _MODELS: dict[str, Models] = {}
 
 
 def _stage_dump(stage) -> dict | None:
-    return None if stage is None else stage.model_dump()
+    return None if stage is None else stage.model_dump(exclude=set(getattr(stage, "RUNTIME_KEYS", ())))
 
 
 def mask_spec(cfg: PipelineConfig, slide: SlideInput) -> MaskSpec | None:
@@ -330,7 +330,8 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
 
                 feats = embed_tiles(te, ds, batch_size=cfg.tile_encoder.batch_size,
                                     num_workers=loader_workers(cfg.tile_encoder.num_workers, models.device),
-                                    device=models.device, precision=cfg.tile_encoder.precision, on_batch=tick)
+                                    device=models.device, precision=cfg.tile_encoder.precision, on_batch=tick,
+                                    batch_timeout_s=cfg.tile_encoder.batch_timeout_s)
                 if cfg.save_tile_png:
                     _save_tile_pngs(ds, slide_dir / "tiles", tiles["grid_coords"])
                 tile_dattrs = read_dataset_attrs(slide_dir / TILES_FILE)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import gigapath_core as gp
-from gigapath_core.errors import ConfigError, FeatureFileError
+from gigapath_core.errors import ConfigError, FeatureFileError, NonFiniteError
 from gigapath_core.interop import FORMAT_VERSION, read_tile_features
 from gigapath_core.store import read_h5
 
@@ -171,7 +171,7 @@ def test_bad_values_are_refused(tmp_path):
     with h5py.File(path, "w") as f:
         f["features"] = feats
         f["coords"] = CELLS * 256
-    with pytest.raises(FeatureFileError, match="tile embedding 5 is not finite"):
+    with pytest.raises(NonFiniteError, match="non-finite \\(NaN/Inf\\) for 1 of .* tiles, first tile 5"):
         read_tile_features(path)
     with pytest.raises(FeatureFileError, match="not found"):
         read_tile_features(tmp_path / "nope.h5")

@@ -4,7 +4,8 @@
 starts N spawned worker processes (each builds the models once and uses ``threads_per_worker`` torch
 threads). A worker that dies breaks the pool: it is replaced, and the slides that were in flight are re-run
 one at a time, so the slide that kills its worker is found; it is retried ``max_retries`` times, then
-recorded as failed (``WorkerDied``).
+recorded as failed (``WorkerDied``). Workers end with the process that started them, even on ``kill -9``
+(:func:`gigapath_core.watchdog.exit_with_parent`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from .base import Executor, ExecutorParams
 from .worker import call_slide, raise_config_error, worker_died_row
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent_pid: int) -> None:
     import torch
 
+    from ..watchdog import exit_with_parent
+
+    exit_with_parent(parent_pid)  # an idle worker would otherwise outlive a kill -9 of the run (issue #11)
     torch.set_num_threads(threads)
     os.environ.setdefault("GIGAPATH_PROGRESS", "0")
 
@@ -63,7 +67,7 @@ class LocalExecutor(Executor):
     # ------------------------------------------------------------------------------ process pool
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(self.threads,))
+                                   initializer=_init_worker, initargs=(self.threads, os.getpid()))
 
     def _map_pool(self, fn: Callable[..., dict], config: Any, slides: list) -> Iterator[dict]:
         """Pool map with crash attribution: when a worker dies, the slides then in flight are re-run one at a

@@ -103,7 +103,8 @@ def read_tile_features(path: str | Path, *, level0_mpp: float | None = None, coo
     Raises:
         ConfigError: units cannot be worked out (names the file, the missing attribute and the key that
             supplies it) or the positions are not a grid (e.g. level-0 px passed as grid px).
-        FeatureFileError: missing file or datasets, row counts that differ, non-finite features or coordinates.
+        FeatureFileError: missing file or datasets, row counts that differ, non-finite coordinates.
+        NonFiniteError: non-finite features (names the tile encoder that wrote them).
     """
     path = Path(path)
     key_names = dict(keys or {})
@@ -158,12 +159,18 @@ def _read_pt(path, level0_mpp, coords_unit, tile_size, target_mpp, prefix, keys)
     return tf
 
 
-def _check_finite(path: Path, features: np.ndarray) -> None:
+def _check_finite(path: Path, features: np.ndarray, attrs: dict | None = None) -> None:
+    """Raises NonFiniteError (a SlideError: that slide fails) naming the count, the first tile and the encoder
+    that wrote the file. Our tile-embedding stage never writes such a file: an older gigapath or another tool did."""
+    from ..errors import NonFiniteError
+
     finite = np.isfinite(features).all(axis=1) if features.ndim == 2 else np.isfinite(features)
     if not finite.all():
-        i = int(np.argmin(finite))
-        raise FeatureFileError(path, f"tile embedding {i} is not finite ({int((~finite).sum())} of "
-                                     f"{len(features)} tiles)")
+        i, attrs = int(np.argmin(finite)), attrs or {}
+        encoder = attrs.get("tile_encoder", attrs.get("extractor", "?"))
+        raise NonFiniteError(path, f"the tile embeddings are non-finite (NaN/Inf) for {int((~finite).sum())} of "
+                                   f"{len(features)} tiles, first tile {i}, written by tile encoder {encoder!r} "
+                                   f"(weights {attrs.get('weights_source', '?')}); delete {path.name} to recompute it")
 
 
 def _pitch_level0(path: Path, fmt: str, cattrs: dict, level0_mpp: float | None, tile_size: int,
@@ -205,7 +212,7 @@ def _assemble(path: Path, fmt: str, features: np.ndarray, data: dict, root: dict
                                      f"describe the same (N, D) / (N, 2) tiles")
     if not np.isfinite(raw.astype(np.float64)).all():
         raise FeatureFileError(path, "non-finite tile coordinates")
-    _check_finite(path, features)
+    _check_finite(path, features, root)
     attrs = dict(root)
     coords = None
     if fmt == "gigapath" and ("grid_coords" in data or int(root.get("format_version", 1)) >= 2):

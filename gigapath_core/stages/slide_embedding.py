@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError, SlideError
+from ..errors import ConfigError, NonFiniteError, SlideError
 from ..kinds import SlideEncoder
 from ..store import write_h5
-from .tile_embedding import autocast_context
+from .tile_embedding import autocast_context, resolved_precision
 
 log = logging.getLogger("gigapath")
 
@@ -65,8 +65,10 @@ def run_slide_embedding(encoder: SlideEncoder, slide_dir: Path, tile_file: str |
         read_options: keyword arguments of :func:`gigapath_core.interop.read_tile_features` (``level0_mpp``,
             ``coords_unit``, ``tile_size``, ``key_prefix``) for foreign files.
     Raises:
-        SlideError: the tile embeddings are not finite (:class:`FeatureFileError`), or their coordinates do not
-            fit the encoder (named in the message); the pipeline records it for this slide and goes on.
+        NonFiniteError: the input tile embeddings (from :func:`read_tile_features`) or the slide embedding are
+            not finite (names the stage or file, the count and the likely cause; nothing is written).
+        SlideError: the feature file is unreadable (:class:`FeatureFileError`), or its coordinates do not fit
+            the encoder (named in the message); the pipeline records it for this slide and goes on.
         ConfigError: the encoder does not take tile embeddings of this width, or the file's units cannot be
             worked out (names the key that supplies them).
     """
@@ -93,8 +95,14 @@ def embed_tile_features(encoder: SlideEncoder, tf, slide_dir: Path, attrs: dict,
         raise SlideError(path, str(err)) from None
     log.debug("slide encoder: %d tiles in %.2f s", n, time.perf_counter() - t0)
     if not np.isfinite(emb).all():
-        raise SlideError(path, f"the slide encoder returned a non-finite embedding (precision {precision!r}; "
-                               f"try precision: fp32)")
+        used = resolved_precision(torch.device(device), precision)
+        cause = "check the weights (a NaN/Inf parameter or a checkpoint for another architecture)"
+        if used != "fp32":
+            cause += f", or the {used} autocast overflowed: try slide_encoder.precision: fp32"
+        raise NonFiniteError(path, f"slide-embedding stage: slide encoder {attrs.get('slide_encoder', type(encoder).name)!r} "
+                                   f"(weights {getattr(encoder, 'weights_source', '?')}) produced a non-finite "
+                                   f"slide embedding ({int((~np.isfinite(emb)).sum())} of {emb.size} values NaN/Inf) "
+                                   f"from {n} finite tile embeddings; {cause}")
     write_h5(Path(slide_dir) / SLIDE_FILE, {"embedding": emb.astype(np.float32)},
              {**attrs, "n_tiles": int(n), "grid_coords_unit": f"grid px at {tf.target_mpp} um/px",
               "embedding_layout": "per_layer" if emb.ndim == 2 else "slide",

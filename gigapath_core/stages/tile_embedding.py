@@ -7,11 +7,18 @@ bf16 autocast is on by default on CUDA only (on CPUs without bf16 units it is 5-
 models that declare ``channels_last = True`` (CNNs) get channels-last weights and inputs. Rows of the output
 follow the dataset's coordinate order whatever order batches arrive in. Resuming is per slide: the pipeline
 skips a slide whose ``tile_embeddings.h5`` carries the same config fingerprint.
+
+Failure modes, each a per-slide error (issue #11): workers are forked, or started by a forkserver for readers
+that are not fork-safe (pyvips; :mod:`gigapath_core.stages.worker_start`); a worker batch that does not come
+within ``tile_encoder.batch_timeout_s`` is a :class:`~gigapath_core.errors.StageStalledError`, a dead worker a
+:class:`~gigapath_core.errors.ReaderWorkerDiedError`; NaN/Inf embeddings are a
+:class:`~gigapath_core.errors.NonFiniteError` and nothing is written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import SlideReadError
+from ..errors import NonFiniteError, ReaderWorkerDiedError, SlideError, SlideReadError, StageStalledError
 from ..kinds import TileEncoder
+from ..watchdog import Watchdog, exit_with_parent
+from .worker_start import loader_context
 
 EMBEDDINGS_FILE = "tile_embeddings.h5"
 
@@ -96,10 +105,16 @@ def _collate(batch):
     return torch.stack([b[0] for b in batch]), idx, []
 
 
+def resolved_precision(device: torch.device, precision: str) -> str:
+    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; other values unchanged."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def autocast_context(device: torch.device, precision: str):
     """bf16/fp16 autocast on CUDA (``auto`` = bf16); fp32 on CPU unless asked (bf16 is slow on AVX2 CPUs)."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = resolved_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -111,23 +126,36 @@ def use_channels_last(encoder: torch.nn.Module) -> bool:
     return bool(getattr(encoder, "channels_last", False))
 
 
+#: default of ``tile_encoder.batch_timeout_s``: longest wait for one batch from the reader workers
+BATCH_TIMEOUT_S = 600.0
+
+
 @torch.inference_mode()
 def embed_tiles(encoder: TileEncoder, dataset: Dataset, *, batch_size: int = 32, num_workers: int = 2,
-                device: torch.device | str = "cpu", precision: str = "auto",
+                device: torch.device | str = "cpu", precision: str = "auto", batch_timeout_s: float = BATCH_TIMEOUT_S,
                 on_batch: Callable[[int], None] | None = None, progress: bool = False) -> np.ndarray:
     """Embed every tile of ``dataset`` in order.
 
     Args:
         dataset: a :class:`TileDataset` (or any dataset of ``(image, index, error)`` items).
         batch_size: tiles per forward pass.
-        num_workers: DataLoader worker processes reading/decoding tiles (0: in the main process).
+        num_workers: DataLoader worker processes reading/decoding tiles (0: in the main process). They are
+            forked, or started by a forkserver when the dataset's reader is not fork-safe
+            (:mod:`gigapath_core.stages.worker_start`).
         device: where the model runs; precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16`` (autocast).
+        batch_timeout_s: longest wait (s) for one batch from the reader workers; longer is a stall. Without
+            workers the same limit only triggers a warning naming where the stage waits
+            (:class:`gigapath_core.watchdog.Watchdog`).
         on_batch: called with the number of tiles of each finished batch.
         progress: show a progress bar (when no ``on_batch`` callback reports progress elsewhere).
     Returns:
-        (N, D) float32 tile embeddings; row i belongs to ``dataset.coords[i]``.
+        (N, D) float32 tile embeddings, all finite; row i belongs to ``dataset.coords[i]``.
     Raises:
         SlideReadError: a tile could not be read (names the tile, its level-0 position and the reason).
+        StageStalledError: no batch from the reader workers within ``batch_timeout_s``.
+        ReaderWorkerDiedError: a reader worker process died.
+        NonFiniteError: the encoder returned NaN/Inf for some tiles (names the encoder, its weights, the count
+            and the likely cause). When the whole first batch is non-finite the stage stops there.
     """
     device = torch.device(device)
     n = len(dataset)
@@ -135,14 +163,19 @@ def embed_tiles(encoder: TileEncoder, dataset: Dataset, *, batch_size: int = 32,
     if n == 0:
         return out
     workers = min(num_workers, -(-n // batch_size))  # no idle workers for a short slide
+    reader = getattr(dataset, "reader", None)
+    context = loader_context([reader]) if workers and reader else None
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda", persistent_workers=False,
-                        prefetch_factor=4 if workers else None)
+                        prefetch_factor=4 if workers else None, timeout=batch_timeout_s if workers else 0,
+                        multiprocessing_context=context, worker_init_fn=_reader_worker_init if workers else None)
     channels_last = use_channels_last(encoder)
     encoder.to(device).eval()
     if channels_last:
         encoder.to(memory_format=torch.channels_last)
     seen = np.zeros(n, dtype=bool)
+    nonfinite = np.zeros(n, dtype=bool)
+    slide_path = getattr(dataset, "slide_path", "?")
     bar = task = None
     if progress and on_batch is None:
         from ..progress import make_progress
@@ -150,31 +183,116 @@ def embed_tiles(encoder: TileEncoder, dataset: Dataset, *, batch_size: int = 32,
         bar = make_progress()
         bar.start()
         task = bar.add_task("tile embeddings", total=n)
+    batches = iter(loader)
     try:
-        with autocast_context(device, precision):
-            for images, idx, errors in loader:
+        with Watchdog(f"tile embedding of {slide_path}", batch_timeout_s,
+                      f"{workers} reader worker(s), reader {reader!r}" if workers else f"reader {reader!r}") as dog, \
+                autocast_context(device, precision):
+            for images, idx, errors in batches:
                 if errors:
                     i, e = errors[0]
                     coords = getattr(dataset, "coords", None)
                     where = f" at level-0 ({coords[i][0]}, {coords[i][1]})" if coords is not None else ""
-                    raise SlideReadError(getattr(dataset, "slide_path", "?"), f"cannot read tile {i}{where}: {e}")
+                    raise SlideReadError(slide_path, f"cannot read tile {i}{where}: {e}")
                 images = images.to(device, non_blocking=True)
                 if channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                feats = encoder(images)
+                feats = encoder(images).float().cpu().numpy()
                 rows = idx.numpy()
-                out[rows] = feats.float().cpu().numpy()
+                nonfinite[rows] = ~np.isfinite(feats).all(axis=1)
+                out[rows] = feats
                 seen[rows] = True
+                dog.beat()
                 if on_batch:
                     on_batch(len(rows))
                 if bar is not None:
                     bar.advance(task, len(rows))
+                if nonfinite[rows].all() and seen.sum() == len(rows) and len(rows) < n:
+                    break  # the whole first batch is NaN/Inf: broken weights, not a few odd tiles; stop here
+    except RuntimeError as err:
+        stop = _loader_failure(err, slide_path, reader, workers, batch_timeout_s, int(seen.sum()), n)
+        if stop is None:
+            raise
+        _kill_workers(batches)
+        raise stop from None
     finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:  # now, not when the iterator is garbage-collected
+            shutdown()
         if bar is not None:
             bar.stop()
+    if nonfinite.any():
+        raise _nonfinite_error(encoder, slide_path, nonfinite, seen, getattr(dataset, "coords", None), device,
+                               precision)
     if not seen.all():  # pragma: no cover - a dataset that skips indices
         raise RuntimeError(f"tile embedding produced {int(seen.sum())} of {n} rows")
     return out
+
+
+def _reader_worker_init(worker_id: int) -> None:
+    """In each reader worker: end with the process that started it (the stage's process, or the forkserver,
+    which ends with it), even when that process is killed with ``kill -9`` while this worker is blocked in a
+    slide library (torch's own check only runs between batches)."""
+    exit_with_parent(os.getppid())
+
+
+def _loader_failure(err: RuntimeError, slide_path: str, reader, workers: int, timeout: float, done: int,
+                    n: int) -> SlideError | None:
+    """The per-slide error for a DataLoader stall or a dead worker, or None for any other RuntimeError.
+
+    torch raises RuntimeError for both: ``DataLoader timed out after N seconds`` and ``DataLoader worker (pid(s)
+    ...) exited unexpectedly`` / ``... is killed by signal`` (``torch/utils/data/dataloader.py``
+    ``_try_get_data`` and ``_get_data``; the SIGCHLD handler of ``torch/utils/data/_utils/signal_handling.py``).
+    ``tests/test_faults_workers.py`` fails if a torch release changes them."""
+    msg = str(err)
+    where = f"reader {reader!r}, {workers} worker(s), {done} of {n} tiles embedded"
+    if msg.startswith("DataLoader timed out"):
+        return StageStalledError(slide_path, f"tile-embedding stage: no tile batch from the reader workers for "
+                                             f"{timeout:g} s ({where}); the slide library may be stuck on this file "
+                                             f"(limit: tile_encoder.batch_timeout_s; num_workers: 0 reads in the "
+                                             f"main process)")
+    if msg.startswith("DataLoader worker"):
+        return ReaderWorkerDiedError(slide_path, f"tile-embedding stage: a reader worker process died ({where}): "
+                                                 f"{msg}; killed, out of memory, or a crash in the slide library")
+    return None
+
+
+def _kill_workers(batches) -> None:
+    """SIGKILL the reader workers of a stalled loader (a worker blocked in native code ignores the polite
+    shutdown, which would then wait 5 s per worker before terminating it).
+
+    Their pids are first taken off torch's SIGCHLD watch (as the loader's own shutdown does before it
+    terminates workers), else torch raises "worker killed" over the stall being reported. Uses torch
+    internals (``_utils.signal_handling._remove_worker_pids``); if they change, the loader's own shutdown
+    stops the workers, only more slowly."""
+    try:
+        from torch.utils.data._utils import signal_handling
+
+        if getattr(batches, "_worker_pids_set", False):
+            signal_handling._remove_worker_pids(id(batches))
+            batches._worker_pids_set = False
+    except Exception:  # pragma: no cover - torch internals changed
+        return
+    for w in getattr(batches, "_workers", []):
+        with contextlib.suppress(Exception):
+            if w.is_alive():
+                w.kill()
+
+
+def _nonfinite_error(encoder, slide_path: str, nonfinite: np.ndarray, seen: np.ndarray, coords, device,
+                     precision: str) -> NonFiniteError:
+    n, k, done = len(seen), int(nonfinite.sum()), int(seen.sum())
+    i = int(np.argmax(nonfinite))
+    where = f" at level-0 ({coords[i][0]}, {coords[i][1]})" if coords is not None else ""
+    count = f"{k} of {n} tiles" if done == n else f"all {k} tiles of the first batch (stopped there; {n} tiles in all)"
+    name = getattr(type(encoder), "name", "") or type(encoder).__name__
+    weights = getattr(encoder, "weights_source", "?")
+    used = resolved_precision(torch.device(device), precision)
+    cause = "check the weights (a NaN/Inf parameter or a checkpoint for another architecture)"
+    if used != "fp32":
+        cause += f", or the {used} autocast overflowed: try tile_encoder.precision: fp32"
+    return NonFiniteError(slide_path, f"tile-embedding stage: tile encoder {name!r} (weights {weights}) produced "
+                                      f"non-finite embeddings (NaN/Inf) for {count}, first tile {i}{where}; {cause}")
 
 
 def write_tile_embeddings(path: Path, features: np.ndarray, coords: np.ndarray, grid_coords: np.ndarray,

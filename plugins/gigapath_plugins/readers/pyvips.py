@@ -183,6 +183,8 @@ class PyvipsReader(SlideReader):
     """libvips (TIFF pyramids, OME-TIFF, SVS via tiffload; other formats the libvips build supports)."""
 
     name = "pyvips"
+    #: libvips' thread set does not survive fork: a forked worker blocks forever in its first read (issue #11)
+    fork_safe = False
 
     def open(self, path: str) -> WSI:
         try:
