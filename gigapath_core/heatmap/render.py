@@ -76,7 +76,8 @@ def paint_overlay(values: np.ndarray, coords: np.ndarray, tile_side: tuple[float
         scale: (sx, sy) output px per level-0 px.
         shape: (H, W) of the output.
         smooth: Gaussian sigma in tile sides (0 = none).
-    Cell of tile i: columns ``round(x*sx) .. round((x+w)*sx) - 1``, rows likewise (at least one px).
+    Cell of tile i: columns ``round(x*sx) .. round((x+w-1)*sx) - 1``, rows likewise (at least one px): the
+    tile's level-0 square x the scale, to within half an output px plus one level-0 px.
     """
     h, w = shape
     acc = np.zeros((h, w), dtype=np.float64)
@@ -84,8 +85,10 @@ def paint_overlay(values: np.ndarray, coords: np.ndarray, tile_side: tuple[float
     c = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
     x0 = np.rint(c[:, 0] * scale[0]).astype(int)
     y0 = np.rint(c[:, 1] * scale[1]).astype(int)
-    x1 = np.maximum(np.rint((c[:, 0] + tile_side[0]) * scale[0]).astype(int), x0 + 1)
-    y1 = np.maximum(np.rint((c[:, 1] + tile_side[1]) * scale[1]).astype(int), y0 + 1)
+    # the far edge one level-0 px short: corners are rounded to whole level-0 px, so neighbouring grid tiles may
+    # overlap by < 1 px; this keeps them from sharing (and averaging) a seam of output px
+    x1 = np.maximum(np.rint((c[:, 0] + tile_side[0] - 1) * scale[0]).astype(int), x0 + 1)
+    y1 = np.maximum(np.rint((c[:, 1] + tile_side[1] - 1) * scale[1]).astype(int), y0 + 1)
     for v, a, b, cc, d in zip(np.asarray(values, dtype=np.float64), x0, y0, x1, y1):
         a, b, cc, d = max(a, 0), max(b, 0), min(cc, w), min(d, h)
         if a < cc and b < d:
