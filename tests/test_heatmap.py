@@ -106,14 +106,21 @@ def test_each_heatmap_cell_sits_on_its_tile(runs):
         x, y = tiles.coords[i]
         rows, cols = np.nonzero(overlay == values[i])
         # the cell's extent in thumbnail px against the tile's level-0 corners x scale: within half a px
-        # (rounding) plus one level-0 px (the far edge is drawn 1 level-0 px short so neighbours never overlap)
-        tol_x, tol_y = 0.5 + scale[0], 0.5 + scale[1]
-        assert abs(cols.min() - x * scale[0]) <= 0.5 and abs(cols.max() + 1 - (x + side[0]) * scale[0]) <= tol_x
-        assert abs(rows.min() - y * scale[1]) <= 0.5 and abs(rows.max() + 1 - (y + side[1]) * scale[1]) <= tol_y
+        # (rounding) plus half a level-0 px (corners snapped to the fractional tile grid)
+        tx, ty = 0.5 + 0.5 * scale[0], 0.5 + 0.5 * scale[1]
+        assert abs(cols.min() - x * scale[0]) <= tx and abs(cols.max() + 1 - (x + side[0]) * scale[0]) <= tx
+        assert abs(rows.min() - y * scale[1]) <= ty and abs(rows.max() + 1 - (y + side[1]) * scale[1]) <= ty
         assert cols.max() - cols.min() + 1 >= int(side[0] * scale[0])  # ~65 px for a 282-px tile at 0.23
         assert len(rows) == (cols.max() - cols.min() + 1) * (rows.max() - rows.min() + 1)  # a full rectangle
     assert np.isnan(overlay).any() and np.nanmin(overlay) == 1 and np.nanmax(overlay) == len(values)
     assert set(np.unique(overlay[~np.isnan(overlay)])) == set(values)  # no averaged seams between grid tiles
+    # no gap either: a cell and its right-hand neighbour (if any) touch
+    right = {tuple(c): k for k, c in enumerate(tiles.grid_coords.tolist())}
+    for i, (gx, gy) in enumerate(tiles.grid_coords.tolist()):
+        j = right.get((gx + tiles.tile_size, gy))
+        if j is not None:
+            ci = np.nonzero(overlay == values[i])[1].max()
+            assert np.nonzero(overlay == values[j])[1].min() == ci + 1
 
 
 def test_overlap_is_averaged_and_smoothing_stays_on_tiles():

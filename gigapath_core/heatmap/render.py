@@ -65,6 +65,16 @@ def score_scale(scores: np.ndarray, class_name: str, unit: str) -> ColorScale:
     return ColorScale(s, 0.0, 1.0, f"P({class_name}) of the tile alone (probability, 0-1)", "viridis")
 
 
+def snap_to_grid(coords: np.ndarray, tile_side: tuple[float, float]) -> np.ndarray:
+    """(N, 2) float64 level-0 corners; a corner within half a px of a multiple of the (fractional) tile side is
+    moved onto it. The tiler rounds ``col * side`` to whole level-0 px (units.grid_index_to_level0), so
+    neighbours overlap or gap by < 1 px; snapped corners tile the plane exactly. Off-grid corners stay."""
+    c = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    side = np.asarray(tile_side, dtype=np.float64)
+    exact = np.rint(c / side) * side
+    return np.where(np.abs(exact - c) <= 0.5 + 1e-6, exact, c)
+
+
 def paint_overlay(values: np.ndarray, coords: np.ndarray, tile_side: tuple[float, float],
                   scale: tuple[float, float], shape: tuple[int, int], smooth: float = 0.0) -> np.ndarray:
     """Per-tile values as an (H, W) float32 image, NaN where no tile lies.
@@ -76,19 +86,18 @@ def paint_overlay(values: np.ndarray, coords: np.ndarray, tile_side: tuple[float
         scale: (sx, sy) output px per level-0 px.
         shape: (H, W) of the output.
         smooth: Gaussian sigma in tile sides (0 = none).
-    Cell of tile i: columns ``round(x*sx) .. round((x+w-1)*sx) - 1``, rows likewise (at least one px): the
-    tile's level-0 square x the scale, to within half an output px plus one level-0 px.
+    Cell of tile i: columns ``round(x'*sx) .. round((x'+w)*sx) - 1``, rows likewise (at least one px), with
+    ``x'`` the corner snapped to the tile grid (:func:`snap_to_grid`): the tile's level-0 square x the scale to
+    within half an output px plus half a level-0 px; neighbouring grid tiles share an edge, no seam, no gap.
     """
     h, w = shape
     acc = np.zeros((h, w), dtype=np.float64)
     cnt = np.zeros((h, w), dtype=np.float64)
-    c = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    c = snap_to_grid(coords, tile_side)
     x0 = np.rint(c[:, 0] * scale[0]).astype(int)
     y0 = np.rint(c[:, 1] * scale[1]).astype(int)
-    # the far edge one level-0 px short: corners are rounded to whole level-0 px, so neighbouring grid tiles may
-    # overlap by < 1 px; this keeps them from sharing (and averaging) a seam of output px
-    x1 = np.maximum(np.rint((c[:, 0] + tile_side[0] - 1) * scale[0]).astype(int), x0 + 1)
-    y1 = np.maximum(np.rint((c[:, 1] + tile_side[1] - 1) * scale[1]).astype(int), y0 + 1)
+    x1 = np.maximum(np.rint((c[:, 0] + tile_side[0]) * scale[0]).astype(int), x0 + 1)
+    y1 = np.maximum(np.rint((c[:, 1] + tile_side[1]) * scale[1]).astype(int), y0 + 1)
     for v, a, b, cc, d in zip(np.asarray(values, dtype=np.float64), x0, y0, x1, y1):
         a, b, cc, d = max(a, 0), max(b, 0), min(cc, w), min(d, h)
         if a < cc and b < d:
@@ -145,7 +154,7 @@ def draw_heatmap(thumbnail: np.ndarray, overlay: np.ndarray, cs: ColorScale, *, 
 
     h, w = overlay.shape
     dpi = 100
-    right, top, bottom = 230, 44, 30 if note else 12
+    right, top, bottom = 250, 44, 30 if note else 12
     fw, fh = w + right + 16, h + top + bottom
     fig = Figure(figsize=(fw / dpi, fh / dpi), dpi=dpi, facecolor="white")
     FigureCanvasAgg(fig)
@@ -175,7 +184,7 @@ def draw_heatmap(thumbnail: np.ndarray, overlay: np.ndarray, cs: ColorScale, *, 
     cb.ax.tick_params(labelsize=fs * 0.8)
     handles = [Line2D([], [], color="#00b7ff", lw=2, path_effects=None, label="tissue outline"),
                Patch(facecolor=matplotlib.colormaps[cs.cmap](0.75), alpha=alpha, label="scored tile"),
-               Patch(facecolor="none", edgecolor="0.6", label="no tile (background or\nbelow occupancy)")]
+               Patch(facecolor="none", edgecolor="0.6", label="no tile (background,\nbelow occupancy)")]
     fig.legend(handles=handles, loc="lower left", bbox_to_anchor=((w + 20) / fw, bottom / fh),
                fontsize=fs * 0.8, frameon=False)
     fig.text(8 / fw, 1 - 10 / fh, title, ha="left", va="top", fontsize=fs * 1.05, wrap=True)

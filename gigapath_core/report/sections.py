@@ -12,7 +12,8 @@ from typing import Any
 
 from .images import data_uri
 
-STATUS_ORDER = {"failed": 0, "locked": 1, "pending": 2, "skipped": 3, "ok": 4}
+#: row order: failed, then unfinished (locked, pending), then the rest (ok, skipped) in manifest order
+STATUS_ORDER = {"failed": 0, "locked": 1, "pending": 1}
 STAGE_SECONDS = ("seconds_tiling", "seconds_tile_encoder", "seconds_slide_encoder", "seconds_total")
 
 
@@ -74,9 +75,8 @@ def slide_rows(out_dir: Path, thumb_px: int = 120) -> list[SlideRow]:
     if manifest.is_file():
         raw = read_csv(manifest)
     else:
-        raw = [{k: (read_status(p.parent) or {}).get(k, "") for k in MANIFEST_FIELDS}
-               for p in sorted(out_dir.glob("*/status.json")) if (p.parent / "tiles.h5").exists()
-               or (read_status(p.parent) or {}).get("slide_path")]
+        markers = [read_status(p.parent) or {} for p in sorted(out_dir.glob("*/status.json"))]
+        raw = [{k: m.get(k, "") for k in MANIFEST_FIELDS} for m in markers if m.get("slide_id")]
     maps = heatmap_dirs(out_dir)
     rows = []
     for r in raw:
@@ -97,7 +97,7 @@ def slide_rows(out_dir: Path, thumb_px: int = 120) -> list[SlideRow]:
                 row.links.append(("scores.csv" + tag, os.path.relpath(hs / "scores.csv", out_dir)))
         rows.append(row)
     order = {id(r): i for i, r in enumerate(rows)}
-    rows.sort(key=lambda r: (STATUS_ORDER.get(r.status, 2), order[id(r)]))
+    rows.sort(key=lambda r: (STATUS_ORDER.get(r.status, 2), order[id(r)]))  # stable: manifest order within
     return rows
 
 
