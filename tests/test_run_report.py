@@ -104,12 +104,12 @@ def test_embed_report_rows_failed_first_columns_and_links(tmp_path):
     assert by_id["bad"]["reason"] == "/x/bad.svs: cannot open <slide> & friends [SlideOpenError]"  # escaped
     assert by_id["s1"]["tiles"] == "20" and by_id["s1"]["mpp (µm/px)"] == "0.2271"
     assert by_id["s1"]["tile encoder (s)"] == "12.2" and by_id["s2"]["total (s)"] == "16.0"
-    assert by_id["s0"]["heatmaps"].startswith("heatmap attention")
+    assert by_id["s0"]["heatmaps"].startswith("heatmap attention")  # a preview image, then the links
     assert "../maps/s0/heatmap_attention.png" in page.links and "../maps/s0/tiles.geojson" in page.links
     for href in page.links:
         assert (out / href).exists()
     # self-contained: every image inline, no external script/style, a thumbnail per slide that has one
-    assert len(page.imgs) == 3 and all(src.startswith("data:image/jpeg;base64,") for src in page.imgs)
+    assert len(page.imgs) == 4 and all(src.startswith("data:image/jpeg;base64,") for src in page.imgs)
     assert page.scripts == 0 and "http://" not in path.read_text() and "https://" not in path.read_text()
     assert "RANDOM weights" in path.read_text()
     assert path.stat().st_size < 100_000

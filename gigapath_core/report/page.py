@@ -36,7 +36,7 @@ td img{display:block;max-width:120px;max-height:120px}
 .st-ok{background:#e3f4e3;color:#185c18}.st-failed{background:#fde2e2;color:#9b1c1c}
 .st-skipped{background:#e6eefb;color:#1c3f8f}.st-pending,.st-locked{background:#eee;color:#555}
 .controls{margin:8px 0}.controls input{width:280px;padding:4px}.controls select{padding:4px}
-.links a{display:block;white-space:nowrap;font-size:12px}
+.links a{display:block;white-space:nowrap;font-size:12px} .links img{margin-bottom:4px}
 .plots img{max-width:560px;margin-right:12px;border:1px solid #ddd;background:#fff}
 """
 
@@ -77,6 +77,9 @@ def _num(v: str) -> str:
 def _slide_tr(r: SlideRow) -> str:
     thumb = f'<img alt="thumbnail of {_e(r.slide_id)}" src="{r.thumbnail}">' if r.thumbnail else ""
     links = "".join(f'<a href="{_e(href)}">{_e(label)}</a>' for label, href in r.links)
+    if r.preview:
+        links = (f'<a href="{_e(r.preview[1])}"><img alt="heatmap of {_e(r.slide_id)}" src="{r.preview[0]}"></a>'
+                 + links)
     secs = "".join(f'<td class="num" data-sort="{_e(r.seconds.get(k, ""))}">{_num(r.seconds.get(k, ""))}</td>'
                    for k in STAGE_SECONDS)
     reason = r.reason + (f" [{r.error_type}]" if r.error_type else "")

@@ -30,6 +30,7 @@ class SlideRow:
     seconds: dict[str, str] = field(default_factory=dict)
     thumbnail: str | None = None
     links: list[tuple[str, str]] = field(default_factory=list)  # (label, relative href)
+    preview: tuple[str, str] | None = None  # (data URI of the first heatmap, relative href)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -89,7 +90,11 @@ def slide_rows(out_dir: Path, thumb_px: int = 120) -> list[SlideRow]:
         for hdir in maps:
             hs = hdir / sid
             tag = "" if len(maps) == 1 else f" ({hdir.name})"
-            for f in sorted(hs.glob("heatmap_*.png")) + sorted(hs.glob("montage_*.png")):
+            heatmaps = sorted(hs.glob("heatmap_*.png"), key=lambda f: (f.stem != "heatmap_attention", f.name))
+            if heatmaps and row.preview is None:
+                uri = data_uri(heatmaps[0], thumb_px)
+                row.preview = (uri, os.path.relpath(heatmaps[0], out_dir)) if uri else None
+            for f in heatmaps + sorted(hs.glob("montage_*.png")):
                 row.links.append((f.stem.replace("_", " ", 1) + tag, os.path.relpath(f, out_dir)))
             if (hs / "tiles.geojson").is_file():
                 row.links.append(("QuPath GeoJSON" + tag, os.path.relpath(hs / "tiles.geojson", out_dir)))
