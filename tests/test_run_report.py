@@ -104,7 +104,7 @@ def test_embed_report_rows_failed_first_columns_and_links(tmp_path):
     assert by_id["bad"]["reason"] == "/x/bad.svs: cannot open <slide> & friends [SlideOpenError]"  # escaped
     assert by_id["s1"]["tiles"] == "20" and by_id["s1"]["mpp (µm/px)"] == "0.2271"
     assert by_id["s1"]["tile encoder (s)"] == "12.2" and by_id["s2"]["total (s)"] == "16.0"
-    assert by_id["s0"]["heatmaps"].startswith("heatmap attention")  # a preview image, then the links
+    assert by_id["s0"]["heatmaps"] == "map: attentionQuPath GeoJSON"  # a preview image, then the links
     assert "../maps/s0/heatmap_attention.png" in page.links and "../maps/s0/tiles.geojson" in page.links
     for href in page.links:
         assert (out / href).exists()

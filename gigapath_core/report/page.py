@@ -25,13 +25,14 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:18px;margin:26px 0 8px;border-bot
 .meta{color:#555;font-size:13px;margin-bottom:10px}
 .counts span{display:inline-block;margin-right:10px;padding:2px 8px;border-radius:10px;font-size:13px}
 .note{background:#fff4e5;border-left:4px solid #f0a020;padding:6px 10px;margin:6px 0;font-size:13px}
-table{border-collapse:collapse;background:#fff;font-size:13px}
+table{border-collapse:collapse;background:#fff;font-size:12.5px}
 th,td{border:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top}
-th{background:#f0f0f0;position:sticky;top:0;cursor:pointer;user-select:none;white-space:nowrap}
+th{background:#f0f0f0;position:sticky;top:0;cursor:pointer;user-select:none}
 th.sorted-asc::after{content:" ▲"} th.sorted-desc::after{content:" ▼"}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.reason{max-width:380px;color:#700;font-size:12px} td.weights{max-width:200px;font-size:12px}
-td img{display:block;max-width:120px;max-height:120px}
+td.reason{min-width:180px;max-width:320px;color:#700;font-size:12px;overflow-wrap:anywhere}
+td.weights{min-width:140px;max-width:170px;font-size:11.5px;overflow-wrap:break-word} td.slide{min-width:130px;overflow-wrap:anywhere}
+td img{display:block;max-width:110px;max-height:110px}
 .st{font-weight:600;padding:1px 6px;border-radius:8px}
 .st-ok{background:#e3f4e3;color:#185c18}.st-failed{background:#fde2e2;color:#9b1c1c}
 .st-skipped{background:#e6eefb;color:#1c3f8f}.st-pending,.st-locked{background:#eee;color:#555}
@@ -83,7 +84,7 @@ def _slide_tr(r: SlideRow) -> str:
     secs = "".join(f'<td class="num" data-sort="{_e(r.seconds.get(k, ""))}">{_num(r.seconds.get(k, ""))}</td>'
                    for k in STAGE_SECONDS)
     reason = r.reason + (f" [{r.error_type}]" if r.error_type else "")
-    return (f'<tr data-status="{_e(r.status)}"><td>{thumb}</td><td>{_e(r.slide_id)}</td>'
+    return (f'<tr data-status="{_e(r.status)}"><td>{thumb}</td><td class="slide">{_e(r.slide_id)}</td>'
             f'<td data-sort="{_e(r.status)}"><span class="st st-{_e(r.status)}">{_e(r.status)}</span></td>'
             f'<td class="reason">{_e(reason)}</td><td class="num">{_e(r.n_tiles)}</td><td>{_e(r.reader)}</td>'
             f'<td class="num">{_e(r.mpp)}</td><td class="weights">{_e(r.weights)}</td>{secs}'

@@ -94,8 +94,10 @@ def slide_rows(out_dir: Path, thumb_px: int = 120) -> list[SlideRow]:
             if heatmaps and row.preview is None:
                 uri = data_uri(heatmaps[0], thumb_px)
                 row.preview = (uri, os.path.relpath(heatmaps[0], out_dir)) if uri else None
-            for f in heatmaps + sorted(hs.glob("montage_*.png")):
-                row.links.append((f.stem.replace("_", " ", 1) + tag, os.path.relpath(f, out_dir)))
+            for f in heatmaps:
+                row.links.append(("map: " + f.stem.split("_", 1)[1] + tag, os.path.relpath(f, out_dir)))
+            for f in sorted(hs.glob("montage_*.png"), key=lambda f: (f.stem != "montage_attention", f.name)):
+                row.links.append(("top tiles: " + f.stem.split("_", 1)[1] + tag, os.path.relpath(f, out_dir)))
             if (hs / "tiles.geojson").is_file():
                 row.links.append(("QuPath GeoJSON" + tag, os.path.relpath(hs / "tiles.geojson", out_dir)))
             if (hs / "scores.csv").is_file():
