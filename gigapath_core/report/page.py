@@ -39,6 +39,7 @@ td img{display:block;max-width:110px;max-height:110px}
 .controls{margin:8px 0}.controls input{width:280px;padding:4px}.controls select{padding:4px}
 .links a{display:block;white-space:nowrap;font-size:12px} .links img{margin-bottom:4px}
 .plots img{max-width:560px;margin-right:12px;border:1px solid #ddd;background:#fff}
+.plots.small img{max-width:380px} h2 a{font-size:13px;font-weight:normal;margin-left:8px}
 """
 
 JS = """
@@ -108,14 +109,14 @@ def _slides_section(rows: list[SlideRow]) -> str:
             f'<table id="slides"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
 
 
-def _finetune_section(t: dict, title: str = "Fine-tuning") -> str:
+def _finetune_section(t: dict, title: str = "Fine-tuning", link: str = "", small: bool = False) -> str:
     notes = "".join(f'<div class="note">{_e(n)}</div>' for n in t["notes"])
     plots = "".join(f'<img alt="{_e(n)} curve" src="{u}">' for n, u in t["plots"])
     models = ", ".join(f"{k}={v}" for k, v in t["models"].items() if v not in (None, "", [], 0))
-    return (f'<h2>{_e(title)}: {_e(t["title"])}</h2><div class="meta">{_e(t["k"])} folds, {_e(t["n_slides"])} '
+    return (f'<h2>{_e(title)}: {_e(t["title"])}{link}</h2><div class="meta">{_e(t["k"])} folds, {_e(t["n_slides"])} '
             f'slides of {_e(t["n_patients"])} patients (test splits, mean ± s.e.m. over folds) · {_e(models)}</div>'
             f'{notes}{_table(t["results"] or [], "metrics")}<h3>Fold sizes</h3>{_table(t["sizes"])}'
-            f'<div class="plots">{plots}</div>')
+            f'<div class="plots{" small" if small else ""}">{plots}</div>')
 
 
 def build_page(out_dir: Path) -> str:
@@ -133,8 +134,8 @@ def build_page(out_dir: Path) -> str:
                         + '<div class="meta">p: one-sided Wilcoxon signed-rank test that the reference beats the '
                           'variant, over the shared folds.</div>')
         for name, t in ab["variants"].items():
-            link = f' <a href="{_e(name)}/report.html">(report)</a>' if (out_dir / name / REPORT_FILE).exists() else ""
-            sections.append(_finetune_section(t, f"Variant {name}") + link)
+            link = f'<a href="{_e(name)}/{REPORT_FILE}">its report</a>' if (out_dir / name / REPORT_FILE).exists() else ""
+            sections.append(_finetune_section(t, f"Variant {name}", link, small=True))
     ft = None if ab else finetune_tables(out_dir)
     if ft:
         kinds.append("finetune")
