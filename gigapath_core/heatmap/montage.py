@@ -1,6 +1,6 @@
 """Top-k and bottom-k tiles of a slide by a score, read again from the slide at full resolution (level 0) and
-captioned with their rank, score and level-0 (x, y) so they can be found in any viewer (QuPath: View >
-"Go to location" takes level-0 px)."""
+captioned with their rank, score and level-0 (x, y), the pixel coordinates slide viewers (QuPath...) show for
+the cursor, so each tile can be found again."""
 
 from __future__ import annotations
 
