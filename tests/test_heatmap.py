@@ -223,6 +223,27 @@ def test_cli_heatmap_and_errors(runs, tmp_path, capsys):
     assert "exactly one of --model" in capsys.readouterr().err
     assert main(["heatmap", str(runs["embed"]), "--model", str(runs["ft"]), "--fold", "7"]) == 2
     assert "fold_7" in capsys.readouterr().err
+    assert main(["heatmap", str(runs["embed"]), "--model", str(runs["embed"])]) == 2
+    assert "not a finetune output folder" in capsys.readouterr().err
+
+
+def test_a_head_without_attention_is_a_config_error(runs, tmp_path):
+    import yaml
+
+    from gigapath_core.errors import ConfigError
+
+    ft = tmp_path / "linear"
+    ft.mkdir()
+    cfg = yaml.safe_load((runs["ft"] / "config.yaml").read_text())
+    cfg["model"]["head"] = {"name": "linear", "params": {}}
+    cfg["model"]["slide_encoder"] = {"name": "mean", "freeze": True}
+    (ft / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (ft / "metrics.json").write_text((runs["ft"] / "metrics.json").read_text())
+    (ft / "fold_0" / "checkpoints" / "step_00000001").mkdir(parents=True)
+    for name in ("model.safetensors", "state.pt"):
+        (ft / "fold_0" / "checkpoints" / "step_00000001" / name).write_bytes(b"")
+    with pytest.raises(ConfigError, match="'linear' head has no tile attention"):
+        run_heatmaps(runs["embed"], tmp_path / "m", model=ft)
 
 
 def test_zero_shot_heatmaps_from_a_clip_folder(runs, tmp_path):

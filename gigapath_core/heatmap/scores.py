@@ -74,6 +74,8 @@ class HeadEnsemble:
             tile_p.append(tp)
             slide_p.append(sp)
         names = [self.task.class_names[1]] if self.task.type == "binary" else list(self.task.class_names)
+        if tile_p[0].shape[1] == 0:  # the head has attention but no per-tile classifier
+            names = []
         how = "sigmoid" if self.task.type != "multiclass" else "softmax over classes"
         return TileScores(
             class_names=names,
@@ -102,17 +104,26 @@ def fold_scores(model, task, features: np.ndarray, grid_coords: np.ndarray
     """One fold model on one slide -> (attention (N,), tile probabilities (N, C'), slide probabilities (C',))
     with C' = 1 for binary (the positive class). Raises ConfigError if the head has no ``attention``."""
     head = model.head
-    if not hasattr(head, "attention") or not hasattr(head, "tile_logits"):
-        raise ConfigError("model.head", f"the {getattr(head, 'name', type(head).__name__)!r} head has no tile "
-                          "attention to draw (heatmaps need an attention head such as abmil)")
+    check_attention_head(head)
     model.eval()
     feats = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))[None]
     grid = torch.from_numpy(np.ascontiguousarray(grid_coords, dtype=np.float32))[None]
     x, tokens, _ = _tokens(model, feats, grid)
     att = head.attention(tokens, None, tile_features=x)[0].float().numpy()
-    tile_logits = head.tile_logits(tokens, None, tile_features=x)[0]  # (N, C)
     slide_logits = model(feats, grid)
-    return att, task.probs(tile_logits).astype(np.float32), task.probs(slide_logits)[0].astype(np.float32)
+    if hasattr(head, "tile_logits"):
+        tile_p = task.probs(head.tile_logits(tokens, None, tile_features=x)[0]).astype(np.float32)  # (N, C)
+    else:
+        tile_p = np.zeros((len(att), 0), dtype=np.float32)
+    return att, tile_p, task.probs(slide_logits)[0].astype(np.float32)
+
+
+def check_attention_head(head) -> None:
+    """Raises ConfigError unless the head has ``attention(tokens, padding_mask, tile_features=...)``; tile class
+    scores also need ``tile_logits`` (same signature; without it only the attention is drawn)."""
+    if not hasattr(head, "attention"):
+        raise ConfigError("--model", f"the {getattr(head, 'name', type(head).__name__)!r} head has no tile "
+                          "attention to draw (heatmaps need an attention head such as abmil)")
 
 
 def load_finetune_models(run_dir: str | Path, tile_dim: int, folds: str | int | Sequence[int] = "all"
@@ -124,7 +135,8 @@ def load_finetune_models(run_dir: str | Path, tile_dim: int, folds: str | int | 
         tile_dim: width D of the tile embeddings the models take.
         folds: ``"all"`` (the ensemble), one fold index, or a list of fold indices.
     Raises:
-        ConfigError: not a finetune output folder, or a requested fold has no checkpoint.
+        ConfigError: not a finetune output folder, a requested fold has no checkpoint, or the head has no
+            attention (e.g. ``linear``).
     """
     import yaml
     from safetensors.torch import load_model
@@ -167,6 +179,7 @@ def load_finetune_models(run_dir: str | Path, tile_dim: int, folds: str | int | 
             raise ConfigError("--fold", f"{run_dir / f'fold_{k}'} has no checkpoint (folds with one: "
                               f"{[int(p.name.split('_')[1]) for p in fold_dirs if latest_checkpoint(p)]})")
         model = build_model(cfg, shim)
+        check_attention_head(model.head)
         load_model(model, str(ckpt / "model.safetensors"), strict=True)
         out.append(FoldModel(k, model.eval(), ckpt))
     if not out:
