@@ -289,3 +289,22 @@ def test_zero_shot_heatmaps_from_a_clip_folder(runs, tmp_path):
                                                   "montage_tumour.png", "montage_normal.png"}
     gj = json.loads((out / "tiles.geojson").read_text())
     assert set(gj["features"][0]["properties"]["measurements"]) == {"score_tumour", "score_normal"}
+
+
+def test_both_tile_embedding_layouts_read_the_same(runs, tmp_path):
+    """format_version 2 (coords = level-0, grid_coords) and version 1 (coords = grid, coords_level0)."""
+    import shutil
+
+    from gigapath_core.heatmap.slide_data import read_slide_tiles
+    from gigapath_core.store import write_h5
+
+    v1 = read_slide_tiles(runs["embed"] / "OS-2-ndpi")
+    v2_dir = tmp_path / "OS-2-ndpi"
+    shutil.copytree(runs["embed"] / "OS-2-ndpi", v2_dir)
+    write_h5(v2_dir / "tile_embeddings.h5", {"features": v1.features, "coords": v1.coords,
+                                             "grid_coords": v1.grid_coords}, {"format_version": 2})
+    v2 = read_slide_tiles(v2_dir)
+    np.testing.assert_array_equal(v2.coords, v1.coords)
+    np.testing.assert_array_equal(v2.grid_coords, v1.grid_coords)
+    assert not np.array_equal(v1.coords, v1.grid_coords)  # the two systems differ on a 0.2271 µm/px slide
+    np.testing.assert_allclose(v1.grid_coords, v1.coords * v1.mpp[0] / 0.5, atol=1.5)
