@@ -162,3 +162,26 @@ def test_ablation_report_embeds_each_variant(finetune_out, tmp_path):
     assert [c for _, c in page.tables[0]["rows"]] == [["ref", "0.700 ± 0.100", "ref"],
                                                       ["other", "0.600 ± 0.050", "0.25"]]
     assert "ref/report.html" in page.links and len(page.imgs) == 2  # the one variant with outputs
+
+
+def test_heatmap_folder_report(tmp_path):
+    """A heatmap output folder's page: a row per slide, failed first, preview, prediction, links."""
+    maps = tmp_path / "maps"
+    write_png(maps / "s0" / "heatmap_IHC.png", np.zeros((40, 30, 3), np.uint8))
+    write_png(maps / "s0" / "heatmap_attention.png", np.zeros((40, 30, 3), np.uint8))
+    (maps / "s0" / "tiles.geojson").write_text("{}")
+    write_h5(maps / "s0" / "scores.h5", {"coords": np.zeros((5, 2), np.int64)},
+             {"class_names": json.dumps(["IHC"]), "slide_scores": json.dumps([0.7])})
+    write_json(maps / "heatmaps.json", {"embeddings": "/x", "model": "/m", "kind": "finetune", "folds": "all",
+                                        "slides": {"s0": {"status": "ok", "files": ["scores.h5", "tiles.geojson",
+                                                                                     "heatmap_IHC.png",
+                                                                                     "heatmap_attention.png"]},
+                                                   "s1": {"status": "failed", "reason": "no tile_embeddings.h5",
+                                                          "files": []}}})
+    page = parse(write_run_report(maps))
+    (table,) = [t for t in page.tables if t["id"] == "heatmaps"]
+    assert [c[1] for _, c in table["rows"]] == ["s1", "s0"]
+    s0 = dict(zip(table["head"], table["rows"][1][1]))
+    assert s0["tiles"] == "5" and s0["slide prediction"] == "IHC 0.70"
+    assert page.links[:5] == ["s0/heatmap_attention.png", "s0/heatmap_attention.png", "s0/heatmap_IHC.png",
+                              "s0/tiles.geojson", "s0/scores.h5"]  # preview, then attention first

@@ -4,6 +4,7 @@ write the pictures, the QuPath GeoJSON and the raw scores.
 Output (``OUT_HEATMAP``, default ``<embed run>/heatmaps``)::
 
     OUT_HEATMAP/heatmaps.json                   the run: embed folder, model, options, one entry per slide
+    OUT_HEATMAP/report.html                     every slide's heatmap, prediction and files on one page
     OUT_HEATMAP/<slide_id>/scores.h5, scores.csv    raw per-tile scores (see export.write_scores)
     OUT_HEATMAP/<slide_id>/heatmap_attention.png    attention over the slide (fine-tuned attention heads)
     OUT_HEATMAP/<slide_id>/heatmap_<class>.png      tile class score (or zero-shot similarity) per class
@@ -25,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import ConfigError, GigapathError
+from ..report import try_write_run_report
 from ..store import read_status, write_bytes, write_json, write_status
 from .export import measurements, write_scores
 from .montage import draw_montage, read_tiles, top_bottom
@@ -122,6 +124,7 @@ def run_heatmaps(embed_dir: str | Path, out: str | Path | None = None, *, model:
             index["slides"][sid] = entry
             progress.advance(task)
     write_json(out / INDEX_FILE, index)
+    try_write_run_report(out)  # OUT_HEATMAP/report.html: every slide's heatmap on one page
     console.print(f"{len(ids) - failed} ok, {failed} failed -> {out}")
     return index
 

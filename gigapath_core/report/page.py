@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .sections import STAGE_SECONDS, SlideRow, ablation_tables, finetune_tables, slide_rows
+from .sections import STAGE_SECONDS, SlideRow, ablation_tables, finetune_tables, heatmap_rows, slide_rows
 
 log = logging.getLogger("gigapath")
 REPORT_FILE = "report.html"
@@ -32,7 +32,7 @@ th.sorted-asc::after{content:" ▲"} th.sorted-desc::after{content:" ▼"}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.reason{min-width:180px;max-width:320px;color:#700;font-size:12px;overflow-wrap:anywhere}
 td.weights{min-width:140px;max-width:170px;font-size:11.5px;overflow-wrap:break-word} td.slide{min-width:130px;overflow-wrap:anywhere}
-td img{display:block;max-width:110px;max-height:110px}
+td img{display:block;max-width:110px;max-height:110px} td img.big{max-width:260px;max-height:260px}
 .st{font-weight:600;padding:1px 6px;border-radius:8px}
 .st-ok{background:#e3f4e3;color:#185c18}.st-failed{background:#fde2e2;color:#9b1c1c}
 .st-skipped{background:#e6eefb;color:#1c3f8f}.st-pending,.st-locked{background:#eee;color:#555}
@@ -109,6 +109,25 @@ def _slides_section(rows: list[SlideRow]) -> str:
             f'<table id="slides"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
 
 
+HEATMAP_COLUMNS = ["heatmap", "slide", "status", "reason", "tiles", "slide prediction", "files"]
+
+
+def _heatmaps_section(h: dict) -> str:
+    body = []
+    for r in h["rows"]:
+        img = (f'<a href="{_e(r["preview_href"])}"><img class="big" alt="heatmap of {_e(r["slide_id"])}" '
+               f'src="{r["preview"]}"></a>') if r["preview"] else ""
+        links = "".join(f'<a href="{_e(href)}">{_e(label)}</a>' for label, href in r["links"])
+        body.append(f'<tr data-status="{_e(r["status"])}"><td>{img}</td><td class="slide">{_e(r["slide_id"])}</td>'
+                    f'<td><span class="st st-{_e(r["status"])}">{_e(r["status"])}</span></td>'
+                    f'<td class="reason">{_e(r["reason"])}</td><td class="num">{_e(r["n_tiles"])}</td>'
+                    f'<td>{_e(r["prediction"])}</td><td class="links">{links}</td></tr>')
+    head = "".join(f"<th>{_e(c)}</th>" for c in HEATMAP_COLUMNS)
+    return (f'<h2>Heatmaps ({len(h["rows"])} slides)</h2><div class="meta">{_e(h["kind"])} model {_e(h["model"])}'
+            f' · folds {_e(h["folds"])} · embeddings {_e(h["embeddings"])} · click a picture for full size</div>'
+            f'<table id="heatmaps"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+
+
 def _finetune_section(t: dict, title: str = "Fine-tuning", link: str = "", small: bool = False) -> str:
     notes = "".join(f'<div class="note">{_e(n)}</div>' for n in t["notes"])
     plots = "".join(f'<img alt="{_e(n)} curve" src="{u}">' for n, u in t["plots"])
@@ -136,6 +155,10 @@ def build_page(out_dir: Path) -> str:
         for name, t in ab["variants"].items():
             link = f'<a href="{_e(name)}/{REPORT_FILE}">its report</a>' if (out_dir / name / REPORT_FILE).exists() else ""
             sections.append(_finetune_section(t, f"Variant {name}", link, small=True))
+    hm = heatmap_rows(out_dir)
+    if hm:
+        kinds.append("heatmap")
+        sections.append(_heatmaps_section(hm))
     ft = None if ab else finetune_tables(out_dir)
     if ft:
         kinds.append("finetune")
@@ -144,7 +167,7 @@ def build_page(out_dir: Path) -> str:
         kinds.append("embed")
         sections.insert(0, _slides_section(slide_rows(out_dir)))
     if not sections:
-        sections.append('<p>Nothing to show yet: no manifest.csv, metrics.json or ablation.csv in this folder.</p>')
+        sections.append('<p>Nothing to show yet: no manifest.csv, metrics.json, ablation.csv or heatmaps.json in this folder.</p>')
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = f"gigapath {' + '.join(kinds) or 'run'} report: {out_dir.name}"
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'

@@ -147,3 +147,53 @@ def ablation_tables(run_dir: Path) -> dict[str, Any] | None:
             variants[row[0]] = t
     return {"table": table, "reference": info.get("reference"), "notes": info.get("notes", []),
             "variants": variants}
+
+
+def _file_order(name: str) -> tuple:
+    kinds = ("heatmap_attention", "heatmap_", "montage_attention", "montage_", "tiles.geojson", "scores.")
+    return next((i for i, k in enumerate(kinds) if name.startswith(k)), len(kinds)), name
+
+
+def _file_label(name: str) -> str:
+    """``heatmap_IHC.png`` -> ``map: IHC``; ``montage_attention.png`` -> ``top tiles: attention``; data files
+    keep their names (``tiles.geojson (QuPath)``)."""
+    stem = name.rsplit(".", 1)[0]
+    if name.startswith("heatmap_"):
+        return "map: " + stem.split("_", 1)[1]
+    if name.startswith("montage_"):
+        return "top tiles: " + stem.split("_", 1)[1]
+    return name + (" (QuPath)" if name.endswith(".geojson") else "")
+
+
+def heatmap_rows(run_dir: Path, preview_px: int = 260) -> dict[str, Any] | None:
+    """A ``gigapath heatmap`` output folder: the run (model, options) and one row per slide (failed first) with a
+    preview of its first heatmap, the slide prediction, tile count and links; None without heatmaps.json."""
+    index_file = run_dir / "heatmaps.json"
+    if not index_file.is_file():
+        return None
+    index = json.loads(index_file.read_text())
+    rows = []
+    for sid, entry in index.get("slides", {}).items():
+        sdir = run_dir / sid
+        files = [f for f in entry.get("files", []) if (sdir / f).is_file()]
+        maps = sorted((f for f in files if f.startswith("heatmap_")), key=lambda f: (f != "heatmap_attention.png", f))
+        pred, n = "", ""
+        if (sdir / "scores.h5").is_file():
+            try:
+                import h5py
+
+                with h5py.File(sdir / "scores.h5", "r") as h:
+                    names = json.loads(h.attrs["class_names"])
+                    scores = json.loads(h.attrs["slide_scores"])
+                    n = str(h["coords"].shape[0])
+                pred = ", ".join(f"{c} {p:.2f}" for c, p in zip(names, scores or []))
+            except Exception:
+                pass
+        rows.append({"slide_id": sid, "status": entry.get("status", ""), "reason": entry.get("reason", ""),
+                     "n_tiles": n, "prediction": pred,
+                     "preview": data_uri(sdir / maps[0], preview_px) if maps else None,
+                     "preview_href": f"{sid}/{maps[0]}" if maps else "",
+                     "links": [(_file_label(f), f"{sid}/{f}") for f in sorted(files, key=_file_order)]})
+    rows.sort(key=lambda r: STATUS_ORDER.get(r["status"], 2))
+    return {"model": index.get("model", ""), "kind": index.get("kind", ""), "folds": index.get("folds", ""),
+            "embeddings": index.get("embeddings", ""), "rows": rows}
