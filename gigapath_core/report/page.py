@@ -153,7 +153,8 @@ def build_page(out_dir: Path) -> str:
                         + '<div class="meta">p: one-sided Wilcoxon signed-rank test that the reference beats the '
                           'variant, over the shared folds.</div>')
         for name, t in ab["variants"].items():
-            link = f'<a href="{_e(name)}/{REPORT_FILE}">its report</a>' if (out_dir / name / REPORT_FILE).exists() else ""
+            own = (out_dir / name / REPORT_FILE).exists()
+            link = f'<a href="{_e(name)}/{REPORT_FILE}">its report</a>' if own else ""
             sections.append(_finetune_section(t, f"Variant {name}", link, small=True))
     hm = heatmap_rows(out_dir)
     if hm:
@@ -167,7 +168,8 @@ def build_page(out_dir: Path) -> str:
         kinds.append("embed")
         sections.insert(0, _slides_section(slide_rows(out_dir)))
     if not sections:
-        sections.append('<p>Nothing to show yet: no manifest.csv, metrics.json, ablation.csv or heatmaps.json in this folder.</p>')
+        sections.append('<p>Nothing to show yet: no manifest.csv, metrics.json, ablation.csv or heatmaps.json in '
+                        'this folder.</p>')
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     title = f"gigapath {' + '.join(kinds) or 'run'} report: {out_dir.name}"
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
