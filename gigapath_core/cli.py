@@ -92,6 +92,40 @@ def cmd_export(args) -> int:
     return 1 if any(r["status"] == "refused" for r in res.not_exported) else 0  # slides failed in the run: 0
 
 
+def _load_classes(path: str | None) -> dict | None:
+    """Zero-shot classes from a YAML file: ``{label: [synonyms]}``, or a zeroshot/clip config's
+    ``zeroshot.classes``. Raises ConfigError if the file has neither."""
+    if path is None:
+        return None
+    from .config import load_raw
+    from .errors import ConfigError
+
+    raw = load_raw(path)
+    classes = raw.get("zeroshot", {}).get("classes") if isinstance(raw.get("zeroshot"), dict) else raw
+    if not isinstance(classes, dict) or not classes:
+        raise ConfigError("--classes", f"{path} holds no classes (label: [synonyms], or zeroshot.classes)")
+    return {str(k): [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in classes.items()}
+
+
+def cmd_heatmap(args) -> int:
+    from .heatmap.job import run_heatmaps
+    from .report import write_run_report
+
+    fold = args.fold if args.fold == "all" else int(args.fold)
+    index = run_heatmaps(args.embed_dir, args.out, model=args.model, folds=fold, clip=args.clip,
+                         classes=_load_classes(args.classes), size=args.size, top_k=args.top_k, smooth=args.smooth,
+                         scale=args.scale, slides=args.slides)
+    write_run_report(args.embed_dir)
+    return 1 if any(e["status"] == "failed" for e in index["slides"].values()) else 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_run_report
+
+    print(write_run_report(args.out_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -135,6 +169,26 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--encoder", help="tile-encoder name for TRIDENT features_<encoder>/ and STAMP 'extractor' "
                                       "(default: gigapath for the Prov-GigaPath tile encoder, else the plugin name)")
     ex.set_defaults(func=cmd_export)
+
+    h = sub.add_parser("heatmap", help="attention/score heatmaps, top-k tile montages, QuPath GeoJSON and raw "
+                                        "per-tile scores for every slide of an embed run")
+    h.add_argument("embed_dir", help="output folder of an embed run (<slide_id>/tile_embeddings.h5)")
+    h.add_argument("--model", help="finetune output folder (config.yaml + fold_<k>/checkpoints)")
+    h.add_argument("--fold", default="all", help="'all' (mean over the fold models, default) or one fold index")
+    h.add_argument("--clip", help="clip output folder, for zero-shot heatmaps (instead of --model)")
+    h.add_argument("--classes", help="zero-shot classes: YAML label -> synonyms, or a zeroshot config")
+    h.add_argument("--out", help="output folder (default EMBED_DIR/heatmaps)")
+    h.add_argument("--size", type=int, default=2048, help="long side of the heatmap image in px (default 2048)")
+    h.add_argument("--top-k", type=int, default=8, help="tiles per montage row (0 = no montage; default 8)")
+    h.add_argument("--smooth", type=float, default=0.0, help="Gaussian smoothing in tile sides (default 0: flat cells)")
+    h.add_argument("--scale", default="percentile", choices=["percentile", "ratio"],
+                   help="attention colours: percentile rank in the slide (default) or weight x N tiles")
+    h.add_argument("--slides", nargs="+", help="only these slide ids")
+    h.set_defaults(func=cmd_heatmap)
+
+    rp = sub.add_parser("report", help="(re)write OUT/report.html for an embed, finetune or ablation output folder")
+    rp.add_argument("out_dir")
+    rp.set_defaults(func=cmd_report)
 
     d = sub.add_parser("doctor", help="versions, slide readers, torch device, offline weights")
     d.add_argument("--json", action="store_true")

@@ -16,6 +16,7 @@ from typing import Any
 from .api import NO_WEIGHTS
 from .config import apply_overrides, load_pipeline_config, load_raw
 from .errors import ConfigError
+from .report import try_write_run_report
 
 log = logging.getLogger("gigapath")
 
@@ -143,6 +144,7 @@ def run_embed(raw: dict, base: Path, out: str | None, options: dict) -> int:
     skipped = {r["slide_id"] for r in final if r["status"] == "skipped"}
     ok = sum(r["status"] == "ok" for r in final)
     console.print(f"{ok} ok, {len(skipped)} skipped, {failed} failed -> {Path(cfg.output) / manifest_name}")
+    try_write_run_report(cfg.output)  # OUT/report.html
     if shard:
         console.print("when every shard has finished, run the same command without --shard to write manifest.csv "
                       "(it skips finished slides and redoes any that are missing)")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The stain example end to end (CPU, a few minutes): embed -> pseudo-slides -> 5-fold fine-tuning -> ablation.
+# The stain example end to end (CPU, a few minutes): embed -> pseudo-slides -> 5-fold fine-tuning -> ablation ->
+# heatmaps of the fold ensemble over the three whole slides (see docs/looking_at_results.md).
 # Outputs go to out/stain_task/ at the repository root. Re-running resumes: finished steps and folds are reused.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -17,3 +18,4 @@ fi
 "$python" "$here/make_pseudo_slides.py" "$root/out/stain_task/embed" "$root/out/stain_task/pseudo"
 "$gigapath" run "$here/finetune.yaml"
 "$gigapath" run "$here/ablation.yaml"
+"$gigapath" heatmap "$root/out/stain_task/embed" --model "$root/out/stain_task/finetune" --out "$root/out/stain_task/heatmaps"

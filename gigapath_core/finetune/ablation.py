@@ -31,6 +31,7 @@ from ..config import Strict, load_raw, parse_model, resolve_output, set_key
 from ..errors import ConfigError
 from ..evaluation.tables import ablation_rows, print_table, to_csv, to_markdown
 from ..progress import console
+from ..report import try_write_run_report
 from ..store import write_bytes, write_json
 from .config import FinetuneConfig, absolutize_paths, load_finetune_config
 
@@ -121,5 +122,6 @@ def ablation(cfg: AblationConfig, variants: dict[str, FinetuneConfig]) -> dict[s
     result = {"reference": cfg.reference, "metrics": cfg.metrics, "splits": shared, "variants": summaries,
               "tests": tests, "notes": all_notes}
     write_json(out / "ablation.json", result)
+    try_write_run_report(out)  # OUT/report.html (links each variant's own report)
     console.print(f"ablation table -> {out / 'ablation.md'}")
     return result

@@ -30,6 +30,7 @@ from ..evaluation.folds import Splits, fold_sizes, make_folds, read_splits, spli
 from ..evaluation.metrics import compute_metrics
 from ..evaluation.predictions import prediction_rows, read_predictions, to_arrays, write_predictions
 from ..progress import console
+from ..report import try_write_run_report
 from ..store import read_status, write_bytes, write_json, write_status
 from .config import FinetuneConfig, load_finetune_config
 from .data import FinetuneData, load_data, load_slide
@@ -253,4 +254,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     console.print(f"{len(data.slides)} slides of {len({r.patient_id for r in data.slides.values()})} patients, "
                   f"task {data.task.type} {list(data.task.class_names)}, {splits.k} folds")
     results = [run_fold(cfg, data, splits, f, fingerprint) for f in range(splits.k)]
-    return write_report(cfg, data, splits, sizes, results, fingerprint)
+    metrics = write_report(cfg, data, splits, sizes, results, fingerprint)
+    try_write_run_report(out)  # OUT/report.html
+    return metrics

@@ -94,6 +94,12 @@ class ABMILHead(TaskHead):
         """(B, N) attention weights a_k (sum to 1 over non-padding tiles), e.g. for heatmaps."""
         return self.pool(self._tokens(tile_tokens, tile_features), padding_mask)[1]
 
+    @torch.no_grad()
+    def tile_logits(self, tile_tokens, padding_mask=None, tile_features=None) -> torch.Tensor:
+        """(B, N, num_classes) float32 logits of each tile alone, ``W h_k + b``. Without dropout the slide
+        logits equal ``sum_k a_k * tile_logits_k`` (the classifier is linear), e.g. for heatmaps."""
+        return self.classifier(self._tokens(tile_tokens, tile_features)).float()
+
 
 @hookimpl
 def gigapath_task_heads():
