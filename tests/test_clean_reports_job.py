@@ -6,13 +6,16 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import yaml
-from llm_server import ScriptedChatServer
+from llm_server import ScriptedChatServer, rules_answer
 
+from gigapath_core.api import build
 from gigapath_core.cli import main
 from gigapath_core.errors import ConfigError
 from gigapath_core.plugins import get_plugin_manager
+from gigapath_core.pretrain.data import load_pairs
 from gigapath_core.reports.record import summarize, token_counter
 from gigapath_plugins.text.llm_cleaner import LLMReportCleaner
 from gigapath_plugins.text.report_cleaning import RuleReportCleaner
@@ -73,6 +76,8 @@ def test_rules_record_plot_and_cleaned_csv(tmp_path):
     assert 0 < summary["tokens"]["fraction_of_tokens_removed"] < 1
     png = (out / "token_lengths.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert main(["run", str(cfg), "--out", str(tmp_path / "again")]) == 0  # the same job through `gigapath run`
+    assert read_csv(tmp_path / "again" / "record.csv") == record
 
 
 def test_llm_then_rules_failure_recorded_and_resumed(tmp_path):
@@ -95,11 +100,29 @@ def test_llm_then_rules_failure_recorded_and_resumed(tmp_path):
         assert [r["cached"] for r in read_csv(out / "record.csv")] == ["1", "1", "1"]
 
 
+def test_clip_pairs_cleaned_by_the_llm_all_at_once(tmp_path, caplog):
+    slides = {sid: {"features": np.zeros((2, 4), np.float32), "coords": np.array([[0, 0], [256, 0]])}
+              for sid, _ in REPORTS}
+    write_inputs(tmp_path, [])
+    with ScriptedChatServer(script={"invasive ductal": [400]}, delay_s=0.1) as srv:
+        cleaner = build("report_cleaner", "llm", base_url=srv.base_url, model="echo", cache_dir=None)
+        pairs = load_pairs(tmp_path / "reports.csv", slides, cleaner)
+        assert srv.max_in_flight == 3  # sent concurrently, not one by one
+    assert [p["text"] for p in pairs] == [rules_answer(f"Pathology report:\n{REPORTS[0][1]}"), REPORTS[1][1],
+                                          rules_answer(f"Pathology report:\n{REPORTS[2][1]}")]
+    assert "1 report(s) could not be cleaned and are used as they are (rows 3): HTTP 400" in caplog.text
+
+
 def test_bad_config_is_one_clear_error(tmp_path, capsys):
     cfg = write_inputs(tmp_path, [{"name": "llm", "params": {"base_url": "http://127.0.0.1:9/v1", "model": "m",
                                                              "api_key": "sk-x"}}])
     assert main(["reports", "clean", str(cfg)]) == 2
     assert "cleaners[0].params.api_key:" in capsys.readouterr().err
+    cfg = write_inputs(tmp_path, [{"name": "llm", "params": {"base_url": "http://127.0.0.1:9/v1", "model": "m",
+                                                             "exemplars": "missing.yaml"}}])
+    assert main(["reports", "clean", str(cfg)]) == 2
+    assert f"cleaners[0].params.exemplars: exemplars file not found: {tmp_path / 'missing.yaml'}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written before the config is known to be good
     with pytest.raises(ConfigError, match="column"):
         from gigapath_core.reports.exemplars import read_reports
 

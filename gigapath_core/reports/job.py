@@ -83,7 +83,12 @@ def run_clean_reports(raw: dict, base: Path, out: str | None, options: dict) -> 
         if "cache_dir" in info.cls.Params.model_fields and "cache_dir" not in {**(card.params if card else {}), **params}:
             params["cache_dir"] = str(outp / "llm_cache")
         validate_stage("report_cleaner", st.name, params, registry, f"cleaners[{i}]")
-        stages.append((st.name, params))
+        try:  # built now: a plugin's own checks (exemplars file, API key variable, host) fail before any work
+            cleaner = build("report_cleaner", st.name, registry=registry, **params)
+        except ConfigError as err:
+            key = err.key_path.replace("report_cleaner.", f"cleaners[{i}].", 1)
+            raise ConfigError(key, str(err)[len(err.key_path) + 2 :] if err.key_path else str(err)) from None
+        stages.append((st.name, params, cleaner))
     rows, raw_texts = read_reports(reports_path, cfg.column)
     ids = cfg.id_columns if cfg.id_columns is not None else [
         c for c in ("slide_id", "report_id", "id", "case_id") if c in rows[0]]
@@ -96,8 +101,7 @@ def run_clean_reports(raw: dict, base: Path, out: str | None, options: dict) -> 
     texts = list(raw_texts)
     status, reasons, cached = ["ok"] * len(texts), [[] for _ in texts], [False] * len(texts)
     stats: dict[str, dict] = {}
-    for i, (name, params) in enumerate(stages):
-        cleaner = build("report_cleaner", name, registry=registry, **params)
+    for i, (name, params, cleaner) in enumerate(stages):
         if hasattr(cleaner, "describe_endpoint"):
             console.print(f"cleaner {i + 1}/{len(stages)}: {name} -> {cleaner.describe_endpoint()}")
         results = cleaner.clean_all(texts)
@@ -120,13 +124,13 @@ def run_clean_reports(raw: dict, base: Path, out: str | None, options: dict) -> 
     _write_cleaned_csv(outp / "reports_cleaned.csv", rows, cfg.column, texts, status)
     summary = {
         "reports": str(reports_path), "n_reports": len(rows), "n_failed": status.count("failed"),
-        "cleaners": [{"name": n, "params": {k: v for k, v in p.items() if k != "api_key"}} for n, p in stages],
+        "cleaners": [{"name": n, "params": {k: v for k, v in p.items() if k != "api_key"}} for n, p, _ in stages],
         "cleaner_stats": stats, "tokenizer": cfg.tokenizer, "tokens": summarize(before, after),
     }
     write_json(outp / "summary.json", summary)
     if cfg.plot:
         plot_token_lengths(outp / "token_lengths.png", before, after, tokenizer=cfg.tokenizer,
-                           title=f"{len(rows)} reports, cleaners: {' -> '.join(n for n, _ in stages)}")
+                           title=f"{len(rows)} reports, cleaners: {' -> '.join(n for n, _, _ in stages)}")
     t = summary["tokens"]
     console.print(
         f"{len(rows)} reports: {len(rows) - summary['n_failed']} cleaned, {summary['n_failed']} failed; median tokens "

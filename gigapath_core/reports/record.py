@@ -25,17 +25,16 @@ def token_counter(name: str = "minilm-l6", registry=()) -> Callable[[str], int]:
     """``name`` -> a function text -> number of tokens. Raises WeightsError if the tokenizer is unavailable."""
     if name == "words":
         return lambda text: len(text.split())
-    from ..api import resolve
+    from ..api import build, validate_params
     from ..errors import PluginNotFoundError
 
     try:
-        resolve("text_encoder", name, registry)
+        info, params, _ = validate_params("text_encoder", name, {}, registry, "tokenizer")
     except PluginNotFoundError:
         tok = _auto_tokenizer(name)
-    else:
-        from ..api import build
-
-        tok = build("text_encoder", name, registry=registry).tokenizer
+    else:  # the encoder's tokenizer, without its weights when the plugin can load it alone
+        loader = getattr(info.cls, "load_tokenizer", None)
+        tok = loader(**params.model_dump()) if loader else build("text_encoder", name, registry=registry).tokenizer
     tok.model_max_length = 10**9  # count every token; no "longer than the maximum" warning
 
     def count(text: str) -> int:
