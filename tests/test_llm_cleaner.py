@@ -163,3 +163,12 @@ def test_reports_stay_on_the_local_network_unless_allowed(tmp_path):
         build("report_cleaner", "llm", base_url="http://8.8.8.8/v1", model="m", cache_dir=None)
     with pytest.raises(ConfigError, match=r"base_url"):
         build("report_cleaner", "llm", base_url="ftp://x", model="m")
+
+
+def test_environment_proxies_are_not_used(server, tmp_path, monkeypatch):
+    for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(var, "http://10.255.255.1:3128")  # a proxy would see every report
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    out = make(server, tmp_path, timeout_s=2.0, max_retries=0).clean_all(REPORTS[:1])
+    assert out[0].status == "ok" and len(server.requests) == 1

@@ -7,7 +7,8 @@ it. Request body: ``{"model", "messages": [{"role", "content"}...], "temperature
 Retries: HTTP 429 and 5xx, connection errors and timeouts are retried up to ``max_retries`` times with
 exponential backoff (``backoff_s * 2**attempt``, plus up to 10 % jitter, capped at ``max_backoff_s``); a
 ``Retry-After`` header (seconds or an HTTP date) is honoured, capped the same way. Other 4xx answers fail at
-once (a wrong model name does not become right by asking again).
+once (a wrong model name does not become right by asking again). Proxy settings from the environment are
+ignored: requests go directly to ``base_url``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 
 from ..errors import GigapathError
 
+#: no proxy from the environment (HTTP_PROXY...): reports go straight to base_url, never through a third party
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 #: removed from answers: the reasoning block some local models (Qwen3, DeepSeek-R1) put before the answer
 _THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.DOTALL)
 
@@ -84,7 +87,7 @@ class ChatClient:
             wait = None
             try:
                 req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                with _OPENER.open(req, timeout=self.timeout_s) as resp:
                     payload = resp.read()
                 return _answer(payload)
             except urllib.error.HTTPError as err:
