@@ -134,3 +134,24 @@ def test_token_counts_with_the_text_encoder_tokenizer():
     assert count("the tissue shows cells") == 4 and count("") == 0
     assert count("adenocarcinoma " * 400) > 400  # not truncated at the encoder's max_length
     assert summarize([10, 20, 30], [5, 5, 5])["fraction_of_tokens_removed"] == pytest.approx(0.75)
+
+
+def test_the_shipped_example_config_against_the_test_server(tmp_path):
+    """examples/clean_reports.yaml (hand-cleaned exemplars + llm + rules) on examples/data/reports.csv."""
+    from pathlib import Path
+
+    from gigapath_core.reports.job import run_clean_reports
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    raw = yaml.safe_load((examples / "clean_reports.yaml").read_text())
+    with ScriptedChatServer() as srv:
+        raw["cleaners"][0]["params"]["base_url"] = srv.base_url
+        raw["tokenizer"] = "words"
+        assert run_clean_reports(raw, examples, str(tmp_path / "out"), {}) == 0
+        assert len(srv.requests) == 7 and len(srv.requests[0]["messages"]) == 1 + 2 * 4 + 1  # 4 exemplars
+    rec = read_csv(tmp_path / "out" / "record.csv")
+    assert [r["slide_id"] for r in rec][:2] == ["CMU-1-Small-Region", "CMU-1-Small-Region"] and len(rec) == 7
+    joined = " ".join(r["cleaned"] for r in rec)
+    for token in ("Morgan", "Porter", "S24-01873", "2024", "Electronically"):
+        assert token not in joined
+    assert "Ki-67" in joined and all(r["status"] == "ok" and r["cleaned"] for r in rec)

@@ -79,3 +79,15 @@ def test_cli_writes_the_hand_cleaning_file(corpus, tmp_path):
         e["cleaned"] = f"cleaned {i}"
     out.write_text(yaml.safe_dump(doc))
     assert [e.cleaned for e in load_exemplars(out)] == ["cleaned 0", "cleaned 1", "cleaned 2", "cleaned 3"]
+
+
+def test_shipped_exemplars_are_the_ones_the_command_chooses(corpus):
+    """examples/report_exemplars.yaml (used by examples/clean_reports.yaml) = the command's output for the shipped
+    corpus, with every `cleaned:` written by hand and free of the header's identifiers."""
+    rows, texts, emb = corpus
+    doc = yaml.safe_load((CORPUS.parent.parent / "report_exemplars.yaml").read_text())
+    sel = select_exemplars(emb, doc["k"], doc["seed"])
+    assert [e["row"] for e in doc["exemplars"]] == sel.indices.tolist()
+    assert [e["raw"] for e in doc["exemplars"]] == [texts[i] for i in sel.indices]
+    for ex in load_exemplars(CORPUS.parent.parent / "report_exemplars.yaml"):
+        assert ex.cleaned and not any(w in ex.cleaned for w in ("Patient", "MRN", "Dr.", "MD", "Page", "signed"))
