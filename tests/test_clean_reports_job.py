@@ -67,8 +67,8 @@ def test_rules_record_plot_and_cleaned_csv(tmp_path):
     assert record[0]["cleaned"] == "Colon, biopsy: adenocarcinoma, moderately differentiated."
     cleaned = read_csv(out / "reports_cleaned.csv")
     assert [r["report"] for r in cleaned] == [r["cleaned"] for r in record]
-    assert [(r["slide_id"], r["label"], r["cleaning_status"]) for r in cleaned] == [("S1", "x", "ok"), ("S2", "x", "ok"),
-                                                                                    ("S3", "x", "ok")]
+    assert [(r["slide_id"], r["label"], r["cleaning_status"]) for r in cleaned] == [
+        ("S1", "x", "ok"), ("S2", "x", "ok"), ("S3", "x", "ok")]
     summary = json.loads((out / "summary.json").read_text())
     before = [len(raw.split()) for _, raw in REPORTS]
     assert summary["tokens"]["before"]["median"] == sorted(before)[1]
@@ -89,7 +89,8 @@ def test_llm_then_rules_failure_recorded_and_resumed(tmp_path):
         out = tmp_path / "out"
         rec = read_csv(out / "record.csv")
         assert [r["status"] for r in rec] == ["ok", "failed", "ok"]
-        assert rec[1]["reason"].startswith("llm: HTTP 400") and rec[1]["cleaned"] == RuleReportCleaner().clean(REPORTS[1][1])
+        assert rec[1]["reason"].startswith("llm: HTTP 400")
+        assert rec[1]["cleaned"] == RuleReportCleaner().clean(REPORTS[1][1])  # uncleaned by the LLM; rules still ran
         assert read_csv(out / "reports_cleaned.csv")[1]["cleaning_status"] == "failed"
         assert any((out / "llm_cache").rglob("*.json"))  # default cache: inside the output folder
         assert json.loads((out / "summary.json").read_text())["cleaner_stats"]["llm"] == {
@@ -121,7 +122,8 @@ def test_bad_config_is_one_clear_error(tmp_path, capsys):
     cfg = write_inputs(tmp_path, [{"name": "llm", "params": {"base_url": "http://127.0.0.1:9/v1", "model": "m",
                                                              "exemplars": "missing.yaml"}}])
     assert main(["reports", "clean", str(cfg)]) == 2
-    assert f"cleaners[0].params.exemplars: exemplars file not found: {tmp_path / 'missing.yaml'}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"cleaners[0].params.exemplars: exemplars file not found: {tmp_path / 'missing.yaml'}" in err
     assert not (tmp_path / "out").exists()  # nothing written before the config is known to be good
     with pytest.raises(ConfigError, match="column"):
         from gigapath_core.reports.exemplars import read_reports

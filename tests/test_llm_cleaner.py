@@ -94,7 +94,7 @@ def test_retries_on_429_and_500_then_succeeds(tmp_path):
         cleaner = make(srv, tmp_path)
         out = cleaner.clean_all(REPORTS[:3])
         assert [o.status for o in out] == ["ok", "ok", "ok"]
-        assert (srv.requests_for("number 0."), srv.requests_for("number 1."), srv.requests_for("number 2.")) == (1, 2, 3)
+        assert [srv.requests_for(f"number {i}.") for i in range(3)] == [1, 2, 3]
         assert sorted(srv.statuses) == [200, 200, 200, 429, 500, 503]
         assert cleaner.stats == {"requests": 3, "cache_hits": 0, "failed": 0}
 

@@ -79,10 +79,11 @@ def run_clean_reports(raw: dict, base: Path, out: str | None, options: dict) -> 
     stages = []
     for i, st in enumerate(cfg.cleaners):
         params = resolve_cleaner_paths(st.params, base)
-        info, card = resolve("report_cleaner", st.name, registry)
-        if "cache_dir" in info.cls.Params.model_fields and "cache_dir" not in {**(card.params if card else {}), **params}:
-            params["cache_dir"] = str(outp / "llm_cache")
         validate_stage("report_cleaner", st.name, params, registry, f"cleaners[{i}]")
+        info, card = resolve("report_cleaner", st.name, registry)
+        given = {**(card.params if card else {}), **params}
+        if "cache_dir" in info.cls.Params.model_fields and "cache_dir" not in given:
+            params["cache_dir"] = str(outp / "llm_cache")  # the answers cache lives with the outputs
         try:  # built now: a plugin's own checks (exemplars file, API key variable, host) fail before any work
             cleaner = build("report_cleaner", st.name, registry=registry, **params)
         except ConfigError as err:

@@ -167,8 +167,8 @@ class LLMReportCleaner(ReportCleaner):
                 todo[h] = text
         stop = threading.Event()
         if todo:
-            log.info("llm report cleaner: %d report(s) to send to %s (%d cached)", len(todo), self.client.url,
-                     self.stats["cache_hits"])
+            log.info("llm report cleaner: %d report(s) to send to %s (%d answered from the cache)", len(todo),
+                     self.client.url, sum(r.cached for r in results.values()))
             with make_progress() as progress, ThreadPoolExecutor(min(self.max_concurrency, len(todo))) as pool:
                 task = progress.add_task("reports", total=len(todo))
                 futures = {pool.submit(self._one, h, text, stop): h for h, text in todo.items()}
