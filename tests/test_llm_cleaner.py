@@ -172,3 +172,24 @@ def test_environment_proxies_are_not_used(server, tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     out = make(server, tmp_path, timeout_s=2.0, max_retries=0).clean_all(REPORTS[:1])
     assert out[0].status == "ok" and len(server.requests) == 1
+
+
+def test_answers_are_parsed_strictly(tmp_path):
+    import email.utils
+    import json
+
+    from gigapath_core.reports.chat_client import ChatError, _answer, _retry_after
+
+    def payload(content, finish="stop"):
+        return json.dumps({"choices": [{"message": {"content": content}, "finish_reason": finish}]}).encode()
+
+    assert _answer(payload("<think>the margins...</think>\n Benign skin. ")) == "Benign skin."
+    for bad, msg in ((payload("Benign", "length"), "cut at max_tokens"), (payload("  "), "empty answer"),
+                     (b"<html>502</html>", "not an OpenAI chat completion answer")):
+        with pytest.raises(ChatError, match=msg):
+            _answer(bad)
+    assert _retry_after("3") == 3.0 and _retry_after(None) is None and _retry_after("soon") is None
+    later = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 25 < _retry_after(later) <= 30
+    with ScriptedChatServer(answer=lambda user: "<think>x</think>Cleaned.") as srv:
+        assert make(srv, tmp_path).clean("Benign skin. MRN 1234567.") == "Cleaned."
