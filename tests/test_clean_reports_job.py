@@ -80,11 +80,19 @@ def test_rules_record_plot_and_cleaned_csv(tmp_path):
     assert read_csv(tmp_path / "again" / "record.csv") == record
 
 
-def test_llm_then_rules_failure_recorded_and_resumed(tmp_path):
+def test_llm_then_rules_failure_recorded_and_resumed(tmp_path, capsys):
     with ScriptedChatServer(script={"invasive ductal": [400]}) as srv:
         llm = {"name": "llm", "params": {"base_url": srv.base_url, "model": "echo", "backoff_s": 0.01,
                                          "examples": [{"raw": "MRN 1. Benign skin.", "cleaned": "Benign skin."}]}}
         cfg = write_inputs(tmp_path, [llm, {"name": "rules"}])
+        capsys.readouterr()
+        assert main(["reports", "clean", str(cfg), "--show-prompt"]) == 0
+        assert srv.requests == [] and not (tmp_path / "out").exists()  # shown, not sent
+        printed = capsys.readouterr().out
+        shown = json.loads(printed[printed.index("[\n"):])
+        assert [m["role"] for m in shown] == ["system", "user", "assistant", "user"]
+        assert shown[1]["content"] == "Pathology report:\nMRN 1. Benign skin." and shown[-1]["content"].endswith(
+            "Jo Park, MD 01/02/2023")
         assert main(["reports", "clean", str(cfg)]) == 1  # a report failed: exit code 1
         out = tmp_path / "out"
         rec = read_csv(out / "record.csv")

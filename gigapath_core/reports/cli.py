@@ -22,6 +22,8 @@ def add_reports_parser(sub) -> None:
     cl.add_argument("config", help="YAML config (job: clean_reports may be omitted)")
     cl.add_argument("--out", help="output folder (overrides the config's output)")
     cl.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
+    cl.add_argument("--show-prompt", action="store_true",
+                    help="print the messages an LLM cleaner would send for the first report; send nothing")
     cl.set_defaults(func=cmd_clean)
 
 
@@ -45,4 +47,4 @@ def cmd_clean(args: argparse.Namespace) -> int:
     raw = apply_overrides(load_raw(args.config), list(args.set or []))
     if raw.setdefault("job", "clean_reports") != "clean_reports":
         raise ConfigError("job", f"expected clean_reports (or no job:), got {raw['job']!r}; use gigapath run")
-    return run_clean_reports(raw, Path(args.config).resolve().parent, args.out, {})
+    return run_clean_reports(raw, Path(args.config).resolve().parent, args.out, {"show_prompt": args.show_prompt})

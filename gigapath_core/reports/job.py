@@ -66,7 +66,10 @@ def resolve_cleaner_paths(params: dict, base: Path) -> dict:
 
 
 def run_clean_reports(raw: dict, base: Path, out: str | None, options: dict) -> int:
-    """Run the job; returns 0, or 1 if some report failed to clean (recorded). Raises ConfigError first."""
+    """Run the job; returns 0, or 1 if some report failed to clean (recorded). Raises ConfigError first.
+
+    Options: ``show_prompt`` (print the chat messages an LLM cleaner would send for the first report, then stop).
+    """
     from ..api import build, resolve, validate_stage
     from .exemplars import read_reports
     from .record import plot_token_lengths, summarize, token_counter, write_record
@@ -96,6 +99,14 @@ def run_clean_reports(raw: dict, base: Path, out: str | None, options: dict) -> 
     missing = [c for c in ids if c not in rows[0]]
     if missing:
         raise ConfigError("id_columns", f"{reports_path} has no column(s) {', '.join(missing)}")
+    if options.get("show_prompt"):  # what would be sent for the first report; nothing is sent, nothing written
+        import json
+
+        for name, _, cleaner in stages:
+            if hasattr(cleaner, "prompt"):
+                console.print(f"{name}: {cleaner.describe_endpoint()}; messages for row 0 of {reports_path.name}:")
+                print(json.dumps(cleaner.prompt.messages(raw_texts[0]), indent=2, ensure_ascii=False))
+        return 0
     count = token_counter(cfg.tokenizer, registry)  # fails early if the tokenizer is missing
     outp.mkdir(parents=True, exist_ok=True)
 
