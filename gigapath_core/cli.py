@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("doctor", help="versions, slide readers, torch device, offline weights")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doctor)
+
+    from .reports.cli import add_reports_parser  # gigapath reports exemplars|clean (issue #15)
+
+    add_reports_parser(sub)
     return p
 
 

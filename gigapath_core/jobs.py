@@ -24,6 +24,7 @@ JOBS: dict[str, str] = {"embed": "gigapath_core.jobs:run_embed"}
 JOBS["finetune"] = "gigapath_core.finetune.runner:run_finetune"
 JOBS["ablation"] = "gigapath_core.finetune.ablation:run_ablation"
 JOBS.update({j: f"gigapath_core.pretrain.jobs:run_{j}" for j in ("dinov2", "mae_slide", "clip", "zeroshot")})
+JOBS["clean_reports"] = "gigapath_core.reports.job:run_clean_reports"
 
 
 def run(config: str | Path | dict, out: str | None = None, sets: list[str] = (), **options: Any) -> int:

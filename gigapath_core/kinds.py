@@ -392,6 +392,23 @@ class ReportCleaner(Plugin, abc.ABC):
     def clean(self, report: str) -> str:
         """Raw report -> cleaned diagnostic text."""
 
+    def clean_all(self, reports: list[str]) -> list["Cleaned"]:
+        """Many reports -> one :class:`Cleaned` each, in order. The default calls :meth:`clean` one by one;
+        a cleaner that can fail on a report (a remote LLM) returns ``status="failed"`` with the reason and the
+        report unchanged, or raises, by its own setting."""
+        return [Cleaned(self.clean(r)) for r in reports]
+
+
+@dataclass
+class Cleaned:
+    """Result of cleaning one report: ``text`` (the raw report when ``status == "failed"``), ``status``
+    ("ok" or "failed"), ``reason`` (why it failed), ``cached`` (answer re-used from a cache)."""
+
+    text: str
+    status: str = "ok"
+    reason: str = ""
+    cached: bool = False
+
 
 #: kind -> base class; plugins registered for a kind must subclass it.
 BASES: dict[str, type] = {

@@ -159,5 +159,8 @@ def load_job_config(raw: dict, base: Path, out: str | None):
                 raise ConfigError(key, f"not found: {getattr(cfg, key)}")
     cleaner = getattr(cfg, "report_cleaner", None)
     if cleaner is not None:
+        from ..reports.job import resolve_cleaner_paths
+
+        cleaner.params = resolve_cleaner_paths(cleaner.params, base)  # exemplars/cache_dir: relative to the config
         validate_stage("report_cleaner", cleaner.name, cleaner.params, cfg.registry, "report_cleaner")
     return cfg

@@ -203,7 +203,8 @@ def load_pairs(
 ) -> list[dict]:
     """Rows of a pairs/labels CSV -> ``[{"slide_id", "region", "text", "label", "features", "coords"}]``.
 
-    ``text`` is the report after ``cleaner.clean`` (if given). Raises ConfigError naming the file and row
+    ``text`` is the report after ``cleaner.clean_all`` (if given; a report the cleaner fails on is used as it
+    is, with a warning). Raises ConfigError naming the file and row
     for a missing column, an unknown slide_id, a bad region or a report that is empty after cleaning.
     """
     csv_path = Path(csv_path)
@@ -215,17 +216,26 @@ def load_pairs(
     missing = [c for c in need if c not in rows[0]]
     if missing:
         raise ConfigError(str(csv_path), f"missing column(s) {', '.join(missing)} (has {', '.join(rows[0])})")
-    out = []
+    checked = []  # every row is checked before any report is cleaned (an LLM cleaner sends them off)
     for j, row in enumerate(rows):
         where = f"{csv_path.name}[row {j + 2}]"
         sid = row["slide_id"].strip()
         if sid not in slides:
             raise ConfigError(where, f"slide_id {sid!r} has no tile embeddings (known: {', '.join(sorted(slides))})")
         region = parse_region(row.get("region", ""), where)
-        sel = select_region(slides[sid], region, where)
-        text = (row.get(text_column) or "").strip()
-        if cleaner is not None and text:
-            text = cleaner.clean(text)
+        checked.append((where, sid, region, select_region(slides[sid], region, where)))
+    texts = [(row.get(text_column) or "").strip() for row in rows]
+    if cleaner is not None:  # all at once: an LLM cleaner sends them concurrently and caches the answers
+        idx = [j for j, t in enumerate(texts) if t]
+        results = dict(zip(idx, cleaner.clean_all([texts[j] for j in idx])))
+        failed = [j for j, r in results.items() if r.status != "ok"]
+        if failed:
+            log.warning("%s: %d report(s) could not be cleaned and are used as they are (rows %s): %s",
+                        csv_path.name, len(failed), ", ".join(str(j + 2) for j in failed[:10]),
+                        results[failed[0]].reason)
+        texts = [results[j].text.strip() if j in results else "" for j in range(len(texts))]
+    out = []
+    for (where, sid, region, sel), row, text in zip(checked, rows, texts):
         if require_text and not text:
             raise ConfigError(where, "report is empty (after cleaning)")
         out.append({"slide_id": sid, "region": region, "text": text, "label": (row.get("label") or "").strip(), **sel})

@@ -166,6 +166,25 @@ class BertTextEncoder(TextEncoder):
             )
         return tok
 
+    @classmethod
+    def load_tokenizer(cls, model=PUBMEDBERT, tokenizer=None, **_):
+        """Only the tokenizer (of ``tokenizer``, else the first source of ``model`` that loads), without the
+        weights: for counting tokens (gigapath_core.reports.record). Raises WeightsError if none loads."""
+        from transformers import AutoTokenizer
+
+        sources = [tokenizer] if tokenizer else ([model] if isinstance(model, str) else list(model))
+        errors = []
+        for raw in sources:
+            src = _expand(raw)
+            if src is None or (_is_local(src) and not Path(src).is_dir()):
+                continue
+            try:
+                return AutoTokenizer.from_pretrained(src, local_files_only=_offline() or Path(src).is_dir())
+            except Exception as err:
+                errors.append(f"{src}: {type(err).__name__}")
+        raise WeightsError(f"text_encoder {cls.name!r}: no tokenizer could be loaded from {sources} "
+                           f"({'; '.join(errors) or 'no source resolved'})")
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

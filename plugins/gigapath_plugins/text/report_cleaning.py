@@ -129,7 +129,9 @@ _NAME_DEGREE = re.compile(
     r"\b(?:[A-Z][a-zA-Z'-]+\.?\s+){1,3}[A-Z][a-zA-Z'-]+,?\s+(?:MD|M\.D\.|DO|PhD|FRCPath|FCAP)\b\.?"
 )
 _HEADER = re.compile(
-    r"^\s*(?:" + "|".join(re.escape(f) for f in HEADER_FIELDS) + r")\b[\w .'/()-]{0,25}[:#]", re.IGNORECASE
+    # a field ending in '#' ('case #') has no word boundary after it
+    r"^\s*(?:" + "|".join(re.escape(f) for f in HEADER_FIELDS) + r")(?:\b|(?<=#))[\w .'/()-]{0,25}[:#]",
+    re.IGNORECASE,
 )
 _TITLE = re.compile(r"^\s*(?:[A-Za-z]+\s+){0,3}(?:pathology|cytology|consultation|autopsy)\s+report\s*$", re.IGNORECASE)
 _LOCATION = re.compile(
