@@ -185,3 +185,17 @@ def real_tile(example_slide) -> np.ndarray:
         return wsi.read_region((1000, 1400), 0, (256, 256))
     finally:
         wsi.close()
+
+
+def test_zoo_page_is_the_command_output(capsys):
+    """docs/zoo.md is exactly `gigapath presets --markdown` (regenerate it with that command after a card changes)."""
+    from pathlib import Path
+
+    from gigapath_core.cli import main
+
+    assert main(["presets", "--markdown"]) == 0
+    page = capsys.readouterr().out
+    assert (Path(__file__).resolve().parent.parent / "docs" / "zoo.md").read_text() == page
+    assert "| `uni` | dinov2_vit | 1024 | CLS token | 303.4 M | 0.5 |" in page
+    assert "| `virchow2` | dinov2_vit | 2560 |" in page and "| `h-optimus-0` | dinov2_vit | 1536 |" in page
+    assert "1.13 B" in page and "## task head" not in page  # task heads have no presets (yet)
