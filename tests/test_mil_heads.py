@@ -12,9 +12,9 @@ import torch
 from torch.nn import functional as F
 
 import gigapath_core as gp
-from gigapath_core import plugins
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _zoo_plugins import new_heads_registered  # noqa: E402
 from test_finetune import config, make_cohort  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,18 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def registered():
     """The new heads through the plugin manager even before the editable plugins package is re-installed
     (their entry points are in plugins/pyproject.toml; test_entry_points_declared checks that)."""
-    if "transmil" in plugins.get_plugin_manager().plugins["task_head"]:
+    with new_heads_registered():
         yield
-        return
-    from gigapath_plugins.task_heads import clam, transmil
-
-    manager = plugins.PluginManager(extra_modules=[transmil, clam])
-    import gigapath_core.api as api
-
-    saved = (plugins.get_plugin_manager, api.get_plugin_manager)
-    plugins.get_plugin_manager = api.get_plugin_manager = lambda: manager
-    yield
-    plugins.get_plugin_manager, api.get_plugin_manager = saved
 
 
 def test_entry_points_declared():

@@ -199,3 +199,35 @@ def test_zoo_page_is_the_command_output(capsys):
     assert "| `uni` | dinov2_vit | 1024 | CLS token | 303.4 M | 0.5 |" in page
     assert "| `virchow2` | dinov2_vit | 2560 |" in page and "| `h-optimus-0` | dinov2_vit | 1536 |" in page
     assert "1.13 B" in page and "## task head" not in page  # task heads have no presets (yet)
+
+
+def test_zoo_ablation_example_validates(tmp_path):
+    """examples/zoo_ablation.yaml validates (every variant's finetune config, heads included) once the embedding
+    folders it names exist; each folder is named after a registry tile-encoder preset."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from gigapath_core.finetune.ablation import load_ablation_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _zoo_plugins import new_heads_registered
+    from test_finetune import make_cohort
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "zoo_ablation.yaml"
+    raw = yaml.safe_load(example.read_text())
+    folders = {raw["base"]["data"]["embeddings"]} | {v["data.embeddings"] for v in raw["variants"].values()
+                                                      if "data.embeddings" in v}
+    encoders = {f.rsplit("/", 1)[1] for f in folders}
+    assert encoders <= set(load_registry()) and len(encoders) >= 5
+    (tmp_path / "examples").mkdir()
+    shutil.copy(example, tmp_path / "examples")
+    for name in encoders:  # stand-in embeddings (same slide ids and labels) where the real ones would be
+        make_cohort(tmp_path / "out" / "zoo", n_patients=6, folder=name)
+    with new_heads_registered():
+        cfg, variants = load_ablation_config(raw, tmp_path / "examples")
+    heads = {v.model.head.name for v in variants.values()}
+    assert heads == {"abmil", "transmil", "clam_sb", "clam_mb"} and cfg.reference in variants
+    assert {str(Path(v.output).parent) for v in variants.values()} == {str(tmp_path / "out" / "zoo" / "ablation")}
