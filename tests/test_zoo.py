@@ -175,6 +175,25 @@ def test_hub_config_pooling_does_not_block_loading():
                       "model_args": {"depth": 2, "global_pool": "", "dynamic_img_size": True}}, "hub")
     with pytest.raises(WeightsError, match="depth"):
         enc.check_config({"architecture": "vit_small_patch16_224", "model_args": {"depth": 3}}, "hub")
+    swiglu = gp.build("tile_encoder", "dinov2_vit", weights="random", model_name="vit_small_patch16_224",
+                      model_kwargs={"depth": 1, "mlp_layer": "SwiGLUPacked", "act_layer": "silu"})
+    swiglu.check_config({"architecture": "vit_small_patch16_224", "model_args": {
+        "depth": 1, "mlp_layer": "timm.layers.mlp.SwiGLUPacked", "act_layer": "torch.nn.SiLU"}}, "hub")  # same layers
+    with pytest.raises(WeightsError, match="mlp_layer"):
+        swiglu.check_config({"architecture": "vit_small_patch16_224", "model_args": {"mlp_layer": "Mlp"}}, "hub")
+
+
+def test_doctor_reports_zoo_weights_found_offline(tmp_path, monkeypatch):
+    """`gigapath doctor` lists each zoo preset's weights: found under $GIGAPATH_WEIGHTS, or why not."""
+    from gigapath_core.doctor import report
+
+    (tmp_path / "kaiko-vits16").mkdir()
+    (tmp_path / "kaiko-vits16" / "model.safetensors").write_bytes(b"")
+    monkeypatch.setenv("GIGAPATH_WEIGHTS", str(tmp_path))
+    weights = report()["weights"]
+    assert not weights["kaiko-vits16/tile_encoder"].startswith("not available")
+    assert str(tmp_path / "kaiko-vits16" / "model.safetensors") in weights["kaiko-vits16/tile_encoder"]
+    assert weights["uni/tile_encoder"].startswith("not available offline")
 
 
 @pytest.fixture(scope="module")

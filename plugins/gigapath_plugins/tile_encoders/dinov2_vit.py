@@ -98,7 +98,7 @@ class DinoV2ViT(ModelTileEncoder):
         theirs = dict(config.get("model_args") or {})
         theirs.setdefault("num_classes", config.get("num_classes", 0))
         differ = {k: (v, self.model_args[k]) for k, v in theirs.items()  # img_size: pos_embed is resampled
-                  if k in self.model_args and k not in NOT_IN_WEIGHTS and not _same(v, self.model_args[k])}
+                  if k in self.model_args and k not in NOT_IN_WEIGHTS and not _same(v, self.model_args[k], k)}
         if arch != self.model_name.split(".")[0] or differ:
             details = "; ".join(f"{k}: weights {a!r} vs model {b!r}" for k, (a, b) in differ.items())
             suggested = {k: v for k, v in theirs.items() if k not in NOT_IN_WEIGHTS + ("num_classes",)}
@@ -185,7 +185,14 @@ class ClsMeanPool(torch.nn.Module):
         return torch.cat([tokens[:, 0], tokens[:, self.vit.num_prefix_tokens:].mean(1)], dim=-1)
 
 
-def _same(a: Any, b: Any) -> bool:
+def _layer_name(v: Any) -> Any:
+    """``timm.layers.mlp.SwiGLUPacked`` / ``SwiGLUPacked`` / ``torch.nn.SiLU`` / ``silu`` -> a comparable name."""
+    return str(v).rsplit(".", 1)[-1].strip("<>'").lower() if v is not None else v
+
+
+def _same(a: Any, b: Any, key: str = "") -> bool:
+    if key in ("mlp_layer", "act_layer"):  # a config.json names the class; a preset names it too, maybe shorter
+        return _layer_name(a) == _layer_name(b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
