@@ -89,6 +89,14 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    res = export_run(args.out, args.format, args.dest, cohort=args.cohort, encoder=args.encoder)
+    print(res.summary())
+    return 1 if any(r["status"] == "refused" for r in res.not_exported) else 0  # slides failed in the run: 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -122,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--markdown", action="store_true", help="the model-zoo tables of docs/zoo.md")
     pr.set_defaults(func=cmd_presets)
 
+    from .export import FORMATS
+
+    ex = sub.add_parser("export", help="write a finished run's tile features for TRIDENT, CLAM, STAMP, "
+                                       "prov-gigapath or AnnData (docs/formats.md)")
+    ex.add_argument("out", help="finished run folder (the run's --out)")
+    ex.add_argument("--format", required=True, choices=list(FORMATS))
+    ex.add_argument("--dest", help="output folder (default: OUT/export/<format>)")
+    ex.add_argument("--cohort", action="store_true", help="anndata: one cohort.h5ad instead of one file per slide")
+    ex.add_argument("--encoder", help="tile-encoder name for TRIDENT features_<encoder>/ and STAMP 'extractor' "
+                                      "(default: gigapath for the Prov-GigaPath tile encoder, else the plugin name)")
+    ex.set_defaults(func=cmd_export)
+
     d = sub.add_parser("doctor", help="versions, slide readers, torch device, offline weights")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doctor)
@@ -136,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except GigapathError as err:
         print(f"gigapath: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a filesystem error outside any slide (the slides' own are recorded per slide)
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        hint = "" if args.verbose else " (run with -v for the traceback)"
+        print(f"gigapath: error: {err}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gigapath: interrupted; re-run the same command to resume", file=sys.stderr)

@@ -7,14 +7,28 @@ line (``--out``, ``--set inputs.slides=[...]``) against the current directory.
 from __future__ import annotations
 
 import csv
+import errno
 import glob
+import logging
+import os
+import re
+import reprlib
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from .errors import ConfigError
+from .slide_ids import fold_key, slide_id_problem
+from .yaml_load import load_yaml
+
+log = logging.getLogger("gigapath")
+#: upper bounds of integer settings (a typo such as ``1e23`` is an error at validation, not an obscure failure later)
+MAX_BATCH_SIZE = 4096
+MAX_WORKERS = 256
+#: characters of an offending value shown in a validation error
+MAX_SHOWN = 200
 
 
 class Strict(BaseModel):
@@ -32,8 +46,8 @@ class StageConfig(Strict):
 
 
 class TileEncoderStage(StageConfig):
-    batch_size: int = Field(32, ge=1)
-    num_workers: int | Literal["auto"] = Field(
+    batch_size: StrictInt = Field(32, ge=1, le=MAX_BATCH_SIZE, description="tiles per forward pass (an integer)")
+    num_workers: StrictInt | Literal["auto"] = Field(
         "auto", description="DataLoader workers reading and decoding tiles; auto = 0 on CPU (a worker competes with "
                             "the model for the same cores: measured 0.83x vs 0.92x of a bare model loop on 2 cores), "
                             "min(8, cores - 1) on CUDA")
@@ -43,6 +57,8 @@ class TileEncoderStage(StageConfig):
     def _workers(cls, v):
         if v != "auto" and v < 0:
             raise ValueError("must be >= 0 or 'auto'")
+        if v != "auto" and v > MAX_WORKERS:
+            raise ValueError(f"must be <= {MAX_WORKERS} or 'auto'")
         return v
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on CUDA, fp32 on CPU (bf16 is slower on CPUs without bf16 units)"
@@ -55,8 +71,24 @@ class SlideEncoderStage(StageConfig):
 
 class InputsConfig(Strict):
     slides: list[str] = Field(default_factory=list, description="slide paths or glob patterns")
-    manifest: str | None = Field(None, description="CSV with column slide_path (+ optional slide_id, slide_mpp)")
-    mpp: float | None = Field(None, gt=0, description="level-0 mpp override for every slide (µm/px)")
+    manifest: str | None = Field(None, description="CSV with column slide_path (+ optional slide_id, slide_mpp, "
+                                                   "mask)")
+    mpp: float | None = Field(None, gt=0, description="level-0 mpp override for every slide (µm/px); with "
+                              "features: µm/px of level 0 for feature files that do not record it")
+    masks: str | None = Field(None, description="folder of QuPath GeoJSON annotation masks, <slide_id>.geojson "
+                                                "(a manifest 'mask' cell wins); docs/slides.md")
+    mask_mode: Literal["intersect", "replace"] = Field(
+        "intersect", description="intersect: tissue inside the annotations; replace: the annotations instead of "
+                                 "the tissue mask")
+    mask_exclude: list[str] = Field(["Ignore*", "Pen*", "Artefact*", "Artifact*"],
+                                    description="classification names (fnmatch, case-insensitive) cut out of the "
+                                                "mask")
+    features: str | None = Field(None, description="instead of slides: a folder of tile-feature files (our run, "
+                                 "TRIDENT, CLAM, STAMP, prov-gigapath layouts) or a CSV with slide_id, features_path"
+                                 "[, level0_mpp]; runs the slide encoder on them without tiling (docs/formats.md)")
+    coords_unit: Literal["level0_px", "grid_px", "um"] | None = Field(
+        None, description="with features: unit of the files' coords when their attributes do not tell it")
+    tile_size: int = Field(256, ge=1, le=65536, description="with features: grid cell side in px at 0.5 µm/px")
 
 
 class ExecutorConfig(Strict):
@@ -82,8 +114,8 @@ class PipelineConfig(Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda", "mps") and not v.startswith("cuda:"):
-            raise ValueError("expected auto, cpu, cuda, cuda:N or mps")
+        if v not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d{1,4}", v):
+            raise ValueError("expected auto, cpu, cuda, cuda:N (N a device index) or mps")
         return v
 
 
@@ -93,6 +125,7 @@ class SlideInput(Strict):
     slide_id: str
     path: str
     mpp: float | None = None
+    mask: str | None = Field(None, description="QuPath GeoJSON annotation mask (absolute path), or None")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -107,8 +140,20 @@ def pydantic_error(err: ValidationError, prefix: str = "") -> ConfigError:
     if e["type"] == "extra_forbidden":
         msg = "unknown key"
     elif e.get("input") is not None and e["type"] not in ("missing",):
-        msg = f"{msg} (got {e['input']!r})"
+        msg = f"{msg} (got {short_repr(e['input'])})"
     return ConfigError(path, msg)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, MAX_SHOWN, MAX_SHOWN
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+
+
+def short_repr(value: Any, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` cut to about ``limit`` characters without building the full repr (a value built from
+    shared YAML aliases can be huge once expanded)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def set_key(raw: dict, dotted: str, value: Any) -> None:
@@ -128,18 +173,29 @@ def apply_overrides(raw: dict, sets: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError("--set", f"expected key.path=value, got {item!r}")
         key, value = item.split("=", 1)
-        set_key(raw, key.strip(), yaml.safe_load(value))
+        set_key(raw, key.strip(), load_yaml(value, f"--set {key.strip()}"))
     return raw
 
 
 def load_raw(path: str | Path) -> dict:
+    """Read a YAML config file (within the alias/size budget of :mod:`gigapath_core.yaml_load`).
+
+    Raises:
+        ConfigError: the file is missing, a folder, unreadable or not UTF-8 text, not valid YAML, over the
+            YAML budget, or not a mapping.
+    """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("", f"config file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError("", f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"config path is a folder, not a YAML file: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{path} is not a UTF-8 text file (a YAML config was expected)") from None
+    except OSError as err:
+        raise ConfigError("", f"cannot read config {path}: {err.strerror or err}") from None
+    raw = load_yaml(text, str(path))
     if not isinstance(raw, dict):
         raise ConfigError("", f"{path}: expected a mapping at the top level")
     return raw
@@ -153,58 +209,185 @@ def _slide_id(path: Path) -> str:
     return path.stem
 
 
-def collect_slides(inputs: InputsConfig, base: Path) -> list[SlideInput]:
+def _regular_file(p: Path, key: str) -> None:
+    """Raise ConfigError (at ``key``) unless ``p`` is, or links to, a regular file."""
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        hint = " (a broken symlink: its target does not exist)" if p.is_symlink() else ""
+        raise ConfigError(key, f"slide not found: {p}{hint}") from None
+    except OSError as err:
+        what = "a symlink loop" if err.errno == errno.ELOOP else err.strerror or str(err)
+        raise ConfigError(key, f"cannot read {p}: {what}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(key, f"{p} is a folder, not a slide file (for its slides use a pattern such as {p}/*.svs)")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(key, f"{p} is not a regular file (a pipe, socket or device cannot be a slide)")
+
+
+def _inside(p: Path, folder: Path | None) -> bool:
+    if folder is None:
+        return False
+    try:
+        return Path(os.path.realpath(p)).is_relative_to(folder)
+    except (OSError, ValueError):
+        return False
+
+
+def _glob(pattern: Path, key: str, out: Path | None) -> list[Path]:
+    """Files matching ``pattern``: regular files, plus broken or looping symlinks (each then fails as its own
+    slide, with the reason in the manifest); folders and special files are left out, and so is anything
+    under the output folder ``out`` (our own outputs are not slides; a warning says how many)."""
+    found, under_out = [], []
+    for m in sorted(glob.glob(str(pattern), recursive=True)):
+        p = Path(m)
+        if _inside(p, out):
+            under_out.append(p)
+        elif p.is_file() or (p.is_symlink() and not p.exists()):
+            found.append(p)
+    if under_out:
+        log.warning("%s: left out %d file(s) under the output folder %s (e.g. %s)", key, len(under_out), out,
+                    under_out[0])
+    if not found and under_out:
+        raise ConfigError(key, f"every file matching {pattern.name!r} (in {pattern.parent}) is inside the output "
+                               f"folder {out}; gigapath's outputs are not slides: choose an output folder that does "
+                               f"not hold the slides")
+    if not found:
+        raise ConfigError(key, f"no file matches {pattern.name!r} (looked in {pattern.parent})")
+    return found
+
+
+def _slide_path(p: Path) -> str:
+    try:
+        return str(p.resolve())
+    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13): fails as its slide
+        return os.path.abspath(p)
+
+
+def _checked_id(slide_id: str, key: str, path: Path, named: bool) -> str:
+    problem = slide_id_problem(slide_id)
+    if problem:
+        how = "" if named else f" (from the file name {path.name!r}; rename it, or give a slide_id in inputs.manifest)"
+        raise ConfigError(key, f"{problem}{how}; see docs/promises.md (slide id rules)")
+    return slide_id
+
+
+def _read_manifest(mpath: Path) -> list[dict]:
+    try:
+        with open(mpath, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise ConfigError("inputs.manifest", f"manifest not found: {mpath}") from None
+    except IsADirectoryError:
+        raise ConfigError("inputs.manifest", f"{mpath} is a folder, not a CSV file") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ConfigError("inputs.manifest", f"{mpath} is not a UTF-8 CSV file: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise ConfigError("inputs.manifest", f"cannot read {mpath}: {err.strerror or err}") from None
+    if rows and "slide_path" not in rows[0]:
+        has = ", ".join(map(str, rows[0]))
+        raise ConfigError("inputs.manifest", f"{mpath} needs a 'slide_path' column (has {has})")
+    return rows
+
+
+def collect_slides(inputs: InputsConfig, base: Path, output: str | Path | None = None) -> list[SlideInput]:
     """Expand paths, globs and the CSV manifest into SlideInputs (input order, duplicates removed).
 
-    Raises ConfigError (``inputs.slides[i]`` / ``inputs.manifest``) for a path or pattern that matches no
-    file, a manifest without ``slide_path``, or two slides with the same slide_id.
+    Args:
+        output: the run's output folder: files under it are never slides (left out of glob matches with a
+            warning; an error when named explicitly), so a folder inside the input glob is safe to re-run.
+    Raises ConfigError (``inputs.slides[i]`` / ``inputs.manifest[row R]...``) for a path or pattern that
+    matches no file, a path that is a folder, a special file or a symlink loop, a manifest without
+    ``slide_path``, a slide_id that is not a safe folder name (:mod:`gigapath_core.slide_ids`), or two slides
+    with the same slide_id (also when they differ only in letter case or Unicode normal form).
     """
+    if inputs.features:
+        return _feature_inputs(inputs, base)
+    out = Path(os.path.realpath(output)) if output is not None else None
     slides: list[SlideInput] = []
     for i, pattern in enumerate(inputs.slides):
+        key = f"inputs.slides[{i}]"
         p = Path(pattern).expanduser()
         p = p if p.is_absolute() else base / p
         if glob.has_magic(str(p)):
-            matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
-            if not matches:
-                raise ConfigError(f"inputs.slides[{i}]", f"no file matches {pattern!r} (looked in {p.parent})")
-        elif p.exists():
-            matches = [p]
+            matches = _glob(p, key, out)
         else:
-            raise ConfigError(f"inputs.slides[{i}]", f"slide not found: {p}")
-        slides += [SlideInput(slide_id=_slide_id(m), path=str(m.resolve()), mpp=inputs.mpp) for m in matches]
+            _regular_file(p, key)
+            if _inside(p, out):
+                raise ConfigError(key, f"{p} is inside the output folder {out}; gigapath's outputs are not slides")
+            matches = [p]
+        slides += [SlideInput(slide_id=_checked_id(_slide_id(m), key, m, False), path=_slide_path(m), mpp=inputs.mpp)
+                   for m in matches]
+    mask_dir = None
+    if inputs.masks:
+        mask_dir = Path(inputs.masks).expanduser()
+        mask_dir = mask_dir if mask_dir.is_absolute() else base / mask_dir
+        if not mask_dir.is_dir():
+            raise ConfigError("inputs.masks", f"not a folder: {mask_dir} (expected a folder of <slide_id>.geojson)")
     if inputs.manifest:
         mpath = Path(inputs.manifest).expanduser()
         mpath = mpath if mpath.is_absolute() else base / mpath
-        try:
-            with open(mpath, newline="") as f:
-                rows = list(csv.DictReader(f))
-        except FileNotFoundError:
-            raise ConfigError("inputs.manifest", f"manifest not found: {mpath}") from None
-        if rows and "slide_path" not in rows[0]:
-            raise ConfigError("inputs.manifest", f"{mpath} needs a 'slide_path' column (has {', '.join(rows[0])})")
-        for j, row in enumerate(rows):
+        for j, row in enumerate(_read_manifest(mpath)):
+            key = f"inputs.manifest[row {j + 2}]"
+            if not (row.get("slide_path") or "").strip():
+                raise ConfigError(f"{key}.slide_path", "empty")
             sp = Path(row["slide_path"]).expanduser()
             sp = sp if sp.is_absolute() else mpath.parent / sp
-            if not sp.exists():
-                raise ConfigError(f"inputs.manifest[row {j + 2}]", f"slide not found: {sp}")
+            _regular_file(sp, key)
+            if _inside(sp, out):
+                raise ConfigError(key, f"{sp} is inside the output folder {out}; gigapath's outputs are not slides")
             mpp = row.get("slide_mpp") or None
             try:
                 mpp_value = float(mpp) if mpp else inputs.mpp
             except ValueError:
-                raise ConfigError(f"inputs.manifest[row {j + 2}].slide_mpp", f"not a number: {mpp!r}") from None
-            slides.append(SlideInput(slide_id=row.get("slide_id") or _slide_id(sp), path=str(sp.resolve()), mpp=mpp_value))
-    seen: dict[str, str] = {}
+                raise ConfigError(f"{key}.slide_mpp", f"not a number: {mpp!r}") from None
+            named = row.get("slide_id") is not None and row.get("slide_id") != ""
+            sid = row["slide_id"] if named else _slide_id(sp)
+            sid = _checked_id(sid, f"{key}.slide_id" if named else key, sp, named)
+            mask = (row.get("mask") or "").strip() or None
+            if mask:
+                mp = Path(mask).expanduser()
+                mask = str((mp if mp.is_absolute() else mpath.parent / mp).resolve())
+            slides.append(SlideInput(slide_id=sid, path=_slide_path(sp), mpp=mpp_value, mask=mask))
+    seen: dict[str, SlideInput] = {}
     unique = []
     for s in slides:
-        if s.slide_id in seen:
-            if seen[s.slide_id] == s.path:
+        k = fold_key(s.slide_id)
+        if k in seen:
+            first = seen[k]
+            if first.slide_id == s.slide_id and first.path == s.path:
                 continue
-            raise ConfigError("inputs", f"two slides share slide_id {s.slide_id!r}: {seen[s.slide_id]} and {s.path}")
-        seen[s.slide_id] = s.path
+            if first.slide_id == s.slide_id:
+                raise ConfigError("inputs", f"two slides share slide_id {s.slide_id!r}: {first.path} and {s.path}")
+            raise ConfigError("inputs", f"slide_ids {first.slide_id!r} ({first.path}) and {s.slide_id!r} ({s.path}) "
+                                        f"differ only in letter case or Unicode form: one folder on macOS/Windows "
+                                        f"file systems")
+        seen[k] = s
         unique.append(s)
     if not unique:
         raise ConfigError("inputs", "no slides given (inputs.slides or inputs.manifest)")
+    if mask_dir is not None:  # a slide without its file fails alone (MaskError "file not found"), not the run
+        for s in unique:
+            if s.mask is None:
+                s.mask = str((mask_dir / f"{s.slide_id}.geojson").resolve())
     return unique
+
+
+def _feature_inputs(inputs: InputsConfig, base: Path) -> list[SlideInput]:
+    """``inputs.features`` (a folder of feature files or a CSV of paths) -> one SlideInput per file; ``path`` is
+    the feature file, ``mpp`` its level-0 µm/px (CSV column ``level0_mpp``, else ``inputs.mpp``)."""
+    from .interop import FeatureLocator
+
+    src = Path(inputs.features).expanduser()
+    src = src if src.is_absolute() else base / src
+    if not src.exists():
+        raise ConfigError("inputs.features", f"not found: {src}")
+    found = FeatureLocator([str(src)], "inputs.features").all()
+    if not found:
+        raise ConfigError("inputs.features", f"no tile-feature file in {src} (looked for <slide>/tile_embeddings.h5, "
+                          "<slide>.h5, h5_files/<slide>.h5, pt_files/<slide>.pt, features_*/<slide>.h5)")
+    return [SlideInput(slide_id=_checked_id(sid, "inputs.features", Path(f.path), True), path=str(f.path),
+                       mpp=f.level0_mpp or inputs.mpp) for sid, f in found.items()]
 
 
 def parse_model(model: type[BaseModel], raw: dict) -> Any:
@@ -224,6 +407,25 @@ def resolve_output(cfg: Any, base: Path, out: str | None) -> None:
         cfg.output = str((base / cfg.output).resolve()) if not Path(cfg.output).is_absolute() else cfg.output
     else:
         raise ConfigError("output", "no output folder: set output: in the config or pass --out DIR")
+
+
+def resolve_weights_source(source: str, base: Path) -> str:
+    """A stage's ``weights:`` source with a relative local path made absolute against ``base`` (the config
+    file's folder), like every other path in a config. ``random``, ``hf_hub:...`` and sources starting with
+    ``~`` or ``$VAR`` (expanded when the weights are loaded, :func:`gigapath_core.weights.resolve_source`)
+    are returned unchanged."""
+    if source == "random" or source.startswith(("hf_hub:", "~", "$")) or Path(source).is_absolute():
+        return source
+    return str(base / source)
+
+
+def _resolve_weights(cfg: Any, base: Path) -> None:
+    for kind in ("tile_encoder", "slide_encoder"):
+        stage = getattr(cfg, kind)
+        if stage is not None and stage.weights is not None:
+            w = stage.weights
+            stage.weights = (resolve_weights_source(w, base) if isinstance(w, str)
+                             else [resolve_weights_source(x, base) for x in w])
 
 
 def load_pipeline_config(raw: dict, base: Path, out: str | None = None) -> tuple[PipelineConfig, list[SlideInput]]:
@@ -246,7 +448,17 @@ def load_pipeline_config(raw: dict, base: Path, out: str | None = None) -> tuple
         stage = getattr(cfg, kind)
         if stage is not None:
             validate_stage(kind, stage.name, stage.params, cfg.registry, kind)
-    if cfg.slide_encoder is not None and cfg.tile_encoder is None:
-        raise ConfigError("slide_encoder", "needs a tile_encoder stage")
-    slides = collect_slides(cfg.inputs, base)
+    if cfg.inputs.features:
+        if cfg.inputs.slides or cfg.inputs.manifest:
+            raise ConfigError("inputs.features", "give either slides (inputs.slides / inputs.manifest) or tile "
+                              "features (inputs.features), not both")
+        if cfg.tile_encoder is not None:
+            raise ConfigError("tile_encoder", "inputs.features already holds tile embeddings; remove the "
+                              "tile_encoder stage (the slide encoder runs on the given features)")
+        if cfg.slide_encoder is None:
+            raise ConfigError("slide_encoder", "inputs.features needs a slide_encoder stage to run on them")
+    elif cfg.slide_encoder is not None and cfg.tile_encoder is None:
+        raise ConfigError("slide_encoder", "needs a tile_encoder stage (or tile features given with inputs.features)")
+    _resolve_weights(cfg, base)
+    slides = collect_slides(cfg.inputs, base, cfg.output)
     return cfg, slides

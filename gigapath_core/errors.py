@@ -60,3 +60,23 @@ class ImplausibleMppError(SlideError):
 
 class SlideReadError(SlideError):
     """Pixels could not be decoded (corrupt tile, truncated file)."""
+
+
+class MaskError(SlideError):
+    """The slide's annotation mask (QuPath GeoJSON, ``inputs.masks`` / manifest column ``mask``) is unusable:
+    missing, not JSON, not GeoJSON features, an invalid polygon that cannot be repaired, outside the slide's
+    level-0 frame, or nothing left to tile. The message names the mask file."""
+
+    def __init__(self, path, mask_path, message: str):
+        self.mask_path = str(mask_path)
+        super().__init__(path, f"mask {mask_path}: {message}")
+
+
+class PixelBudgetError(SlideError):
+    """Building the tissue-mask thumbnail would decode more pixels than the tiler's budget allows (a huge
+    slide without a pyramid level small enough): the slide is refused instead of decoding for hours."""
+
+
+class FeatureFileError(SlideError):
+    """A tile-feature file is unreadable or inconsistent (missing datasets, row counts that disagree,
+    non-finite values); ``path`` is the feature file."""

@@ -7,6 +7,7 @@ self-supervised training, zero-shot...) register a runner in :data:`JOBS` as ``"
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from pathlib import Path
@@ -83,9 +84,10 @@ def run_embed(raw: dict, base: Path, out: str | None, options: dict) -> int:
         manifest_name = f"manifest-shard-{k}-of-{n}.csv"
     cfg, all_slides = load_pipeline_config(raw, base, out)
     slides = shard_slides(all_slides, shard)
-    Path(cfg.output).mkdir(parents=True, exist_ok=True)
     executor = get_executor(cfg.executor.name, **cfg.executor.params)
     ids = [s.slide_id for s in slides]
+    rows: dict[str, dict] = {}
+    done_here: dict[str, dict] = {}  # the rows this run produced
     try:
         # builds and checks the models where slides will run, before any slide is touched
         for label, name, source in executor.describe_models(cfg):
@@ -94,7 +96,9 @@ def run_embed(raw: dict, base: Path, out: str | None, options: dict) -> int:
             console.print(f"{label}: [bold]{name}[/] with {state}")
         if shard:
             console.print(f"shard {shard}: {len(slides)} of {len(all_slides)} slides")
-        rows = {r["slide_id"]: r for r in rebuild_manifest(cfg.output, ids, name=manifest_name)}
+        with output_errors(cfg.output):  # a full disk or a read-only folder: one clear line, exit 2, before any slide
+            Path(cfg.output).mkdir(parents=True, exist_ok=True)
+            rows = {r["slide_id"]: r for r in rebuild_manifest(cfg.output, ids, name=manifest_name)}
         failed, last_write = 0, time.monotonic()
         with make_progress() as progress:
             task = progress.add_task("slides", total=len(slides))
@@ -113,21 +117,46 @@ def run_embed(raw: dict, base: Path, out: str | None, options: dict) -> int:
                 waiting.append(len(locked))
 
             for row in map_until_done(executor, process_slide, cfg, slides, on_tiles=on_tiles, on_wait=on_wait):
-                rows[row["slide_id"]] = row
+                rows[row["slide_id"]] = done_here[row["slide_id"]] = row
                 failed += row["status"] == "failed"
                 if row["status"] == "failed":
                     console.print(f"[red]failed[/] {row['slide_id']}: {row['reason']}")
                 progress.advance(task)
                 if time.monotonic() - last_write > 5.0:  # in-memory rows: no re-read of every marker per slide
-                    write_manifest(cfg.output, [rows[i] for i in ids], manifest_name)
+                    try:
+                        write_manifest(cfg.output, [rows[i] for i in ids], manifest_name)
+                    except OSError as err:  # e.g. a full disk: the slides go on; the final write says it
+                        log.warning("could not update %s: %s", manifest_name, err)
                     last_write = time.monotonic()
-    finally:
+    except BaseException:
         executor.close()
-    skipped = {sid: r for sid, r in rows.items() if r["status"] == "skipped"}
-    final = rebuild_manifest(cfg.output, ids, skipped, name=manifest_name)  # the truth: the markers
+        if done_here:  # a run stopped by an error or Ctrl-C: the manifest still tells the truth about finished slides
+            try:
+                rebuild_manifest(cfg.output, ids, done_here, name=manifest_name)
+            except OSError as err:
+                log.warning("could not rebuild %s: %s", manifest_name, err)
+        raise
+    executor.close()
+    # the rows of this run win (a failed slide whose marker could not be written); other slides: their markers
+    with output_errors(cfg.output):
+        final = rebuild_manifest(cfg.output, ids, done_here, name=manifest_name)
+    skipped = {r["slide_id"] for r in final if r["status"] == "skipped"}
     ok = sum(r["status"] == "ok" for r in final)
     console.print(f"{ok} ok, {len(skipped)} skipped, {failed} failed -> {Path(cfg.output) / manifest_name}")
     if shard:
         console.print("when every shard has finished, run the same command without --shard to write manifest.csv "
                       "(it skips finished slides and redoes any that are missing)")
     return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def output_errors(output: str):
+    """Turn an OSError while writing the run's own files in OUT (not a slide's) into a one-line ConfigError."""
+    try:
+        yield
+    except OSError as err:
+        if Path(output).exists() and not Path(output).is_dir():
+            raise ConfigError("output", f"{output} exists and is not a folder") from None
+        where = f" ({err.filename})" if err.filename and str(err.filename) != str(output) else ""
+        what = err.strerror or err
+        raise ConfigError("output", f"cannot write to the output folder {output}{where}: {what}") from None

@@ -45,6 +45,26 @@ class Plugin:
         return doc[0] if doc else ""
 
 
+def thumbnail_size(level0: tuple[int, int], max_size: int) -> tuple[int, int]:
+    """(w, h) of a thumbnail with long side ``max_size`` — never larger than the slide (no upsampling)."""
+    w0, h0 = level0
+    scale = min(1.0, max_size / max(w0, h0))
+    return max(1, round(w0 * scale)), max(1, round(h0 * scale))
+
+
+def thumbnail_level(level_dimensions: list[tuple[int, int]], size: tuple[int, int]) -> int:
+    """Coarsest level that is at least ``size`` (w, h) on both axes, so a thumbnail is a downsample of it.
+
+    Every reader builds its thumbnail from this level; its pixel count is what a thumbnail decodes (the
+    tiler's ``max_decode_mpx`` budget is checked against it before any pixel is read).
+    """
+    best = 0
+    for i, (w, h) in enumerate(level_dimensions):
+        if w >= size[0] and h >= size[1] and w * h <= level_dimensions[best][0] * level_dimensions[best][1]:
+            best = i
+    return best
+
+
 # --------------------------------------------------------------------------------------- slide I/O
 class WSI(abc.ABC):
     """An open whole-slide image. Returned by :meth:`SlideReader.open`; use as a context manager.
@@ -87,26 +107,29 @@ class WSI(abc.ABC):
         """
 
     def thumbnail(self, max_size: int) -> np.ndarray:
-        """(h, w, 3) uint8 RGB image of the whole slide with long side <= ``max_size``.
+        """(h, w, 3) uint8 RGB image of the whole slide, ``thumbnail_size(level 0, max_size)`` px.
 
-        Default: read the coarsest level whose long side is >= ``max_size`` and downsample it.
-        Readers with embedded thumbnails may override.
+        Default: read the level chosen by :func:`thumbnail_level` (the coarsest at least that size, so the
+        decode cost is that level's pixel count, which the tiler checks against its budget first) and
+        downsample it. Readers override this with a bounded-memory version.
         """
         from PIL import Image
 
-        dims = self.level_dimensions
-        w0, h0 = dims[0]
-        level = 0
-        for i, (w, h) in enumerate(dims):
-            if max(w, h) >= max_size:
-                level = i
-        w, h = dims[level]
+        size = thumbnail_size(self.level_dimensions[0], max_size)
+        level = thumbnail_level(self.level_dimensions, size)
+        w, h = self.level_dimensions[level]
         img = self.read_region((0, 0), level, (w, h))
-        scale = max_size / max(w0, h0)
-        tw, th = max(1, round(w0 * scale)), max(1, round(h0 * scale))
-        if (tw, th) != (w, h):
-            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.LANCZOS))
+        if size != (w, h):
+            img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
         return img
+
+    def thumbnail_cost(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(level, pixels decoded) to make a thumbnail of ``size`` (w, h): by default the whole of
+        :func:`thumbnail_level`. A reader that decodes less (JPEG shrink-on-load) overrides it. The tiler
+        compares the pixels with its ``max_decode_mpx`` budget before calling :meth:`thumbnail`."""
+        level = thumbnail_level(self.level_dimensions, size)
+        w, h = self.level_dimensions[level]
+        return level, int(w) * int(h)
 
     @property
     def properties(self) -> dict[str, str]:
@@ -184,13 +207,18 @@ class Tiler(Plugin, abc.ABC):
     kind: ClassVar[str] = "tiler"
 
     @abc.abstractmethod
-    def tile(self, wsi: WSI, mpp: tuple[float, float] | None = None) -> TileGrid:
+    def tile(self, wsi: WSI, mpp: tuple[float, float] | None = None, annotations: Any = None) -> TileGrid:
         """Compute the tile grid of ``wsi``.
 
         Args:
             mpp: override of the slide's level-0 (mpp_x, mpp_y); None uses the metadata.
+            annotations: a :class:`gigapath_core.masks.AnnotationMask` (QuPath GeoJSON region, level-0 px) or
+                None. With ``mode == "intersect"`` only tissue inside ``annotations.region`` counts towards a
+                tile's occupancy; with ``"replace"`` the region replaces the tissue mask (rule:
+                :mod:`gigapath_core.masks`). A tiler that cannot honour it must raise, never ignore it.
         Raises:
             MissingMppError, ImplausibleMppError: no usable mpp.
+            PixelBudgetError: the mask thumbnail would decode more pixels than the tiler's budget.
         """
 
     def read_tile(self, wsi: WSI, location: tuple[int, int], level: int, read_size: int, tile_size: int) -> np.ndarray:

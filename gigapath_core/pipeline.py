@@ -2,8 +2,11 @@
 
 ``process_slide`` depends only on its arguments (models are cached per process, keyed by the config), so an
 executor can map it over slides anywhere. Each stage's output carries a fingerprint of the config that made
-it: a re-run reuses a stage output only if the fingerprint matches, and skips a slide whose ``status.json``
-says ``ok`` for the same fingerprint.
+it (the config, and the slide file's identity): a re-run reuses a stage output only if the fingerprint
+matches, and skips a slide whose ``status.json`` says ``ok`` for the same fingerprint, the same slide file and
+outputs that are all still there (:mod:`gigapath_core.markers`). Every filesystem action on a slide (lock,
+clearing old outputs, the marker) happens inside its failure boundary: a slide whose folder cannot be written
+fails alone.
 """
 
 from __future__ import annotations
@@ -23,10 +26,14 @@ import torch
 
 from . import __version__
 from .config import PipelineConfig, SlideInput
-from .errors import ConfigError, GigapathError, SlideError
-from .store import read_h5, read_status, write_status
-from .stages.slide_embedding import SLIDE_FILE, run_slide_embedding
+from .errors import ConfigError, GigapathError, SlideError, SlideOpenError
+from .interop import FORMAT_VERSION
+from .markers import identity_key, input_identity, outputs_record, stale_reason
+from .slide_ids import slide_dir as checked_slide_dir
+from .store import STATUS_FILE, read_dataset_attrs, read_h5, read_status, write_status
+from .stages.slide_embedding import SLIDE_FILE, embed_tile_features, run_slide_embedding
 from .stages.tile_embedding import EMBEDDINGS_FILE, TileDataset, embed_tiles, write_tile_embeddings
+from .masks import MaskSpec, mask_identity
 from .stages.tiling import TILES_FILE, open_slide, run_tiling
 
 log = logging.getLogger("gigapath")
@@ -36,9 +43,17 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda if available, else cpu. Raises ConfigError if CUDA is asked for but absent."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError("device", f"{name!r} is not a torch device: {str(err).splitlines()[0]}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device", f"{name!r} requested but torch sees no CUDA device (use device: cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError("device", f"{name!r}: torch sees {torch.cuda.device_count()} CUDA device(s) "
+                                    f"(indices 0-{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device", "'mps' requested but torch sees no Apple MPS device (use device: cpu or auto)")
     return dev
 
 
@@ -67,9 +82,35 @@ def _stage_dump(stage) -> dict | None:
     return None if stage is None else stage.model_dump()
 
 
-def fingerprints(cfg: PipelineConfig, slide: SlideInput) -> dict[str, str]:
-    """Cumulative config fingerprints of the tiling, tile-embedding and slide-embedding stages."""
-    parts = {"tiling": [cfg.tiler.model_dump(), slide.mpp, cfg.readers],
+def mask_spec(cfg: PipelineConfig, slide: SlideInput) -> MaskSpec | None:
+    """The slide's annotation mask (file, ``inputs.mask_mode``, ``inputs.mask_exclude``), or None."""
+    if not slide.mask:
+        return None
+    return MaskSpec(slide.mask, cfg.inputs.mask_mode, tuple(cfg.inputs.mask_exclude))
+
+
+def _tiler_params(cfg: PipelineConfig) -> dict:
+    """The tiler's parameters with every default filled in, so a changed default re-tiles old outputs."""
+    from .api import validate_params
+
+    try:
+        return validate_params("tiler", cfg.tiler.name, cfg.tiler.params, cfg.registry)[1].model_dump()
+    except Exception:  # validated before the run starts; keep the fingerprint total anyway
+        return cfg.tiler.model_dump()
+
+
+def fingerprints(cfg: PipelineConfig, slide: SlideInput, identity: dict | None = None) -> dict[str, str]:
+    """Cumulative fingerprints of the tiling, tile-embedding and slide-embedding stages: the config (tiler
+    parameters with their defaults), the slide file's identity (:func:`gigapath_core.markers.input_identity`)
+    when given, and the annotation mask's identity (path, content sha256, mode, exclude patterns): a changed
+    slide or mask file re-tiles the slide (and redoes the later stages)."""
+    source = [identity_key(identity)] if identity else []
+    tiling = [cfg.tiler.name, _tiler_params(cfg), slide.mpp, cfg.readers, *source]
+    if slide.mask:
+        tiling.append(mask_identity(mask_spec(cfg, slide)))
+    if cfg.inputs.features:  # no tiling: the stage input is the feature file read with these units
+        tiling = [slide.path, slide.mpp, cfg.inputs.coords_unit, cfg.inputs.tile_size, *source]
+    parts = {"tiling": tiling,
              "tile_encoder": [_stage_dump(cfg.tile_encoder)], "slide_encoder": [_stage_dump(cfg.slide_encoder)]}
     out, acc = {}, []
     for k, v in parts.items():
@@ -111,12 +152,15 @@ def get_models(cfg: PipelineConfig) -> Models:
 
 
 def _stage_ok(path: Path, fingerprint: str) -> bool:
+    """A stage output can be reused: same config fingerprint and the current coordinate contract (an output
+    of format version 1, written before issue #17, is redone)."""
     if not path.is_file():
         return False
     try:
-        return read_h5(path)[1].get("fingerprint") == fingerprint
+        attrs = read_h5(path)[1]
     except Exception:
         return False
+    return attrs.get("fingerprint") == fingerprint and int(attrs.get("format_version", 1)) == FORMAT_VERSION
 
 
 def process_slide(cfg: PipelineConfig, slide: SlideInput, on_tiles: Callable[[int, int], None] | None = None) -> dict:
@@ -130,37 +174,103 @@ def process_slide(cfg: PipelineConfig, slide: SlideInput, on_tiles: Callable[[in
         (another live run holds the slide's lock, :class:`gigapath_core.executors.SlideLock`; nothing written).
     Raises:
         ConfigError: a problem with the config (affects every slide).
+
+    Every filesystem action on the slide (reading its file, the lock, clearing old outputs, the outputs, the
+    marker) is inside this failure boundary: its error fails this slide only, with the action named
+    (``OUT/s1: could not clear old outputs: IsADirectoryError: ...``). The failed marker is written only by
+    the run that holds the slide's lock; a failure before that (an unreadable slide file) is reported in the
+    row alone, leaving the folder as it was.
     """
     from .executors.slide_lock import SlideLock
 
     t_start = time.perf_counter()
-    slide_dir = Path(cfg.output) / slide.slide_id
-    fp = fingerprints(cfg, slide)
-    final_fp = fp["slide_encoder"]
-    if (done := _done_row(slide_dir, final_fp)) is not None:
-        return done
-    lock = SlideLock(slide_dir)
-    if not lock.acquire():
-        return {"slide_id": slide.slide_id, "slide_path": slide.path, "status": "locked",
-                "reason": f"being processed by another run ({lock.describe_holder()})", "error_type": ""}
     try:
-        if (done := _done_row(slide_dir, final_fp)) is not None:  # finished by the run that held the lock
+        slide_dir = checked_slide_dir(cfg.output, slide.slide_id)
+    except SlideError as err:  # an unsafe slide id (API callers; configs are checked up front): write nothing
+        return _failed_row(slide, str(err), type(err).__name__)
+    step, lock = "read the slide file", None
+    try:
+        try:
+            identity = input_identity(slide.path)
+        except OSError as err:
+            raise SlideOpenError(slide.path, f"cannot read the file: {err.strerror or err}") from None
+        fp = fingerprints(cfg, slide, identity)
+        step = "read the earlier status marker"
+        done, redo = _done_row(slide_dir, fp["slide_encoder"], identity)
+        if done is not None:
+            return done
+        step = "take the slide lock"
+        candidate = SlideLock(slide_dir)
+        if not candidate.acquire():
+            return {"slide_id": slide.slide_id, "slide_path": slide.path, "status": "locked",
+                    "reason": f"being processed by another run ({candidate.describe_holder()})", "error_type": ""}
+        lock = candidate  # from here on this run owns the slide folder (and writes its marker, even on failure)
+        step = "read the earlier status marker"
+        done, redo = _done_row(slide_dir, fp["slide_encoder"], identity)
+        if done is not None:  # finished by the run that held the lock
             return done
         if lock.broke_stale:
             log.info("slide %s: took over the stale lock of a dead run (host %s pid %s)", slide.slide_id,
                      lock.broke_stale.get("host"), lock.broke_stale.get("pid"))
+        if redo:
+            log.warning("slide %s: %s", slide.slide_id, redo)
+        step = "clear old outputs"
         clear_partial_outputs(slide_dir)
-        return _run_stages(cfg, slide, slide_dir, fp, t_start, on_tiles)
-    finally:
-        lock.release()
+        step = "run the stages"
+        row = _run_stages(cfg, slide, slide_dir, fp, t_start, on_tiles)
+        if redo:
+            row["reason"] = "; ".join(r for r in (redo, row["reason"]) if r)
+        if row["status"] == "ok":
+            step = "list the outputs"
+            row.update(input=identity, outputs=outputs_record(slide_dir, STATUS_FILE))
+        step = "write the status marker"
+        write_status(slide_dir, row)
+        return row
+    except ConfigError:
+        raise
+    except SlideError as err:
+        return _record_failure(slide_dir, _failed_row(slide, str(err), type(err).__name__), t_start, lock)
+    except GigapathError:  # run-wide (e.g. weights that cannot be loaded): the caller stops the run
+        raise
+    except Exception as err:  # a filesystem error around the stages fails this slide only
+        log.debug("slide %s failed:\n%s", slide.slide_id, traceback.format_exc())
+        row = _failed_row(slide, f"{slide_dir}: could not {step}: {type(err).__name__}: {err}", type(err).__name__)
+        return _record_failure(slide_dir, row, t_start, lock)
+    finally:  # after the failure's marker is written
+        if lock is not None:
+            try:
+                lock.release()
+            except OSError as err:  # the work stands; a lock left behind is stale (dead pid) for the next run
+                log.warning("slide %s: could not remove its lock file: %s", slide.slide_id, err)
 
 
-def _done_row(slide_dir: Path, final_fp: str) -> dict | None:
-    """The ``skipped`` row if the slide's marker says ``ok`` for this config, else None."""
+def _record_failure(slide_dir: Path, row: dict, t_start: float, lock: Any) -> dict:
+    """Finish a failed row; write it as the slide's marker if this run holds the slide's lock (only the
+    holder writes in the folder). If even the marker cannot be written, the row says so."""
+    row["seconds_total"] = round(time.perf_counter() - t_start, 3)
+    if lock is not None:
+        try:
+            write_status(slide_dir, row)
+        except Exception as err:
+            row["reason"] += f"; and the status marker could not be written either: {type(err).__name__}: {err}"
+    return row
+
+
+def _failed_row(slide: SlideInput, reason: str, error_type: str) -> dict:
+    return {"slide_id": slide.slide_id, "slide_path": slide.path, "status": "failed", "reason": reason,
+            "error_type": error_type}
+
+
+def _done_row(slide_dir: Path, final_fp: str, identity: dict) -> tuple[dict | None, str | None]:
+    """``(skipped row, None)`` if the slide's marker says ``ok`` for this config, this slide file and outputs
+    that are still there; else ``(None, why an ok marker no longer holds or None)``."""
     previous = read_status(slide_dir)
-    if previous and previous.get("status") == "ok" and previous.get("fingerprint") == final_fp:
-        return {**previous, "status": "skipped", "reason": "done by an earlier run"}
-    return None
+    if not previous or previous.get("status") != "ok":
+        return None, None
+    why = stale_reason(previous, identity, slide_dir)
+    if why is None and previous.get("fingerprint") == final_fp:
+        return {**previous, "status": "skipped", "reason": "done by an earlier run"}, None
+    return None, why
 
 
 def clear_partial_outputs(slide_dir: Path) -> None:
@@ -187,6 +297,8 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
     models = get_models(cfg)
     mpp = (slide.mpp, slide.mpp) if slide.mpp else None
     common = {"slide_id": slide.slide_id, "slide_path": slide.path, "gigapath_version": __version__}
+    if cfg.inputs.features:
+        return _run_on_features(cfg, slide, slide_dir, fp, t_start, row, models, common)
     try:
         t0 = time.perf_counter()
         with open_slide(slide.path, cfg.readers) as wsi:
@@ -194,7 +306,8 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
             if _stage_ok(slide_dir / TILES_FILE, fp["tiling"]):
                 tiles, tattrs = read_h5(slide_dir / TILES_FILE)
             else:
-                run_tiling(models.tiler, wsi, slide_dir, mpp, {**common, "fingerprint": fp["tiling"]})
+                run_tiling(models.tiler, wsi, slide_dir, mpp, {**common, "fingerprint": fp["tiling"]},
+                           mask=mask_spec(cfg, slide))
                 tiles, tattrs = read_h5(slide_dir / TILES_FILE)
         n = len(tiles["coords"])
         row["n_tiles"] = n
@@ -220,11 +333,15 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
                                     device=models.device, precision=cfg.tile_encoder.precision, on_batch=tick)
                 if cfg.save_tile_png:
                     _save_tile_pngs(ds, slide_dir / "tiles", tiles["grid_coords"])
-                write_tile_embeddings(slide_dir / EMBEDDINGS_FILE, feats, tiles["grid_coords"], tiles["coords"],
+                tile_dattrs = read_dataset_attrs(slide_dir / TILES_FILE)
+                write_tile_embeddings(slide_dir / EMBEDDINGS_FILE, feats, tiles["coords"], tiles["grid_coords"],
                                       {**common, "fingerprint": fp["tile_encoder"], "tile_encoder": cfg.tile_encoder.name,
                                        "weights_source": te.weights_source, "embed_dim": int(te.embed_dim),
-                                       "coords_unit": f"grid px at {float(tattrs['target_mpp'])} um/px",
-                                       "coords_level0_unit": "level-0 px", "reader": row["reader"]})
+                                       "coords_unit": "level-0 px (top-left corner)",
+                                       "grid_coords_unit": f"px at {float(tattrs['target_mpp'])} um/px",
+                                       "tile_size": int(tattrs["tile_size"]), "target_mpp": float(tattrs["target_mpp"]),
+                                       "reader": row["reader"]},
+                                      {k: tile_dattrs[k] for k in ("coords", "grid_coords")})
             row["seconds_tile_encoder"] = round(time.perf_counter() - t0, 3)
         se = models.slide_encoder
         if se is not None and n > 0:
@@ -244,7 +361,39 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
         log.debug("slide %s failed:\n%s", slide.slide_id, traceback.format_exc())
         row.update(reason=f"{slide.path}: unexpected {type(err).__name__}: {err}", error_type=type(err).__name__)
     row["seconds_total"] = round(time.perf_counter() - t_start, 3)
-    write_status(slide_dir, row)
+    return row
+
+
+def _run_on_features(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dict[str, str], t_start: float,
+                     row: dict, models: Models, common: dict) -> dict:
+    """``inputs.features``: slide-encode an existing tile-feature file (``slide.path``, any supported tool's
+    layout) without tiling; writes ``slide_embedding.h5`` and ``status.json`` as the full pipeline does."""
+    from .interop import read_tile_features
+
+    se = models.slide_encoder
+    try:
+        t0 = time.perf_counter()
+        tf = read_tile_features(slide.path, level0_mpp=slide.mpp, coords_unit=cfg.inputs.coords_unit,
+                                tile_size=cfg.inputs.tile_size, key_prefix="inputs.",
+                                keys={"level0_mpp": "inputs.mpp"})
+        row.update(n_tiles=len(tf), reader=f"features:{tf.source_format}", weights=f"slide_encoder={se.weights_source}")
+        if len(tf) == 0:
+            row["reason"] = "zero tiles in the feature file"
+        else:
+            embed_tile_features(se, tf, slide_dir,
+                                {**common, "fingerprint": fp["slide_encoder"], "slide_encoder": cfg.slide_encoder.name,
+                                 "weights_source": se.weights_source, "embed_dim": int(se.embed_dim)},
+                                device=models.device, precision=cfg.slide_encoder.precision)
+        row["seconds_slide_encoder"] = round(time.perf_counter() - t0, 3)
+        row["status"] = "ok"
+    except ConfigError:
+        raise
+    except GigapathError as err:
+        row.update(reason=str(err), error_type=type(err).__name__)
+    except Exception as err:  # an unexpected failure fails this slide only
+        log.debug("slide %s failed:\n%s", slide.slide_id, traceback.format_exc())
+        row.update(reason=f"{slide.path}: unexpected {type(err).__name__}: {err}", error_type=type(err).__name__)
+    row["seconds_total"] = round(time.perf_counter() - t_start, 3)
     return row
 
 

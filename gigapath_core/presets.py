@@ -22,11 +22,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
 from .hookspecs import KINDS
+from .yaml_load import load_yaml
 
 BUNDLED_REGISTRY = Path(__file__).resolve().parent.parent / "registry.yaml"
 
@@ -78,11 +78,11 @@ def read_registry_file(path: str | Path) -> dict[str, Preset]:
     """Parse one registry file. Raises ConfigError naming the file and key path."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text(), str(path)) or {}  # within the alias budget (docs/promises.md)
     except FileNotFoundError:
         raise ConfigError("registry", f"registry file not found: {path}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError("registry", f"{path} is not valid YAML: {err}") from None
+    except ConfigError as err:  # not valid YAML, or over the budget
+        raise ConfigError("registry", str(err)) from None
     if not isinstance(raw, dict) or set(raw) - {"presets"}:
         raise ConfigError("registry", f"{path}: expected a mapping with the single key 'presets'")
     presets = {}

@@ -4,12 +4,15 @@ Layout of a run's output folder::
 
     OUT/manifest.csv                 one row per slide (rebuilt from markers, never half-written)
     OUT/<slide_id>/tiles.h5          coords (N,2) int64 level-0 px; grid_coords (N,2) int64 0.5-µm px; occupancy
-    OUT/<slide_id>/tile_embeddings.h5 features (N,D) float32; coords (N,2) (grid px); coords_level0 (N,2)
+    OUT/<slide_id>/tile_embeddings.h5 features (N,D) float32; coords (N,2) int64 level-0 px; grid_coords (N,2)
     OUT/<slide_id>/slide_embedding.h5 embedding (D,) float32 (or (L,D) for all layers)
     OUT/<slide_id>/thumbnail.png     tissue mask outline + kept tiles
     OUT/<slide_id>/tissue.geojson    tissue contours in level-0 px (opens in QuPath)
-    OUT/<slide_id>/status.json       marker written last: {"status": "ok"|"failed", ...}
+    OUT/<slide_id>/status.json       marker written last: {"status": "ok"|"failed", ...}; an ``ok`` marker also
+                                     records the slide file's identity and the outputs it vouches for
+                                     (gigapath_core/markers.py)
 
+Every h5 file carries the root attribute ``format_version`` = 2 (the coordinate contract, ``docs/formats.md``).
 Every file is written to a temporary name in the same folder, then renamed (``os.replace``), so a crash
 never leaves a partial file under a final name.
 """
@@ -81,14 +84,30 @@ def _attr(v: Any) -> Any:
     return v
 
 
-def write_h5(path: str | Path, datasets: dict[str, np.ndarray], attrs: dict[str, Any] | None = None) -> None:
-    """Write datasets and file attributes to an HDF5 file atomically. ``None`` attrs are stored as "none"."""
+def write_h5(path: str | Path, datasets: dict[str, np.ndarray], attrs: dict[str, Any] | None = None,
+             dataset_attrs: dict[str, dict[str, Any]] | None = None) -> None:
+    """Write datasets and attributes to an HDF5 file atomically. ``None`` attrs are stored as "none".
+
+    Every file gets the root attribute ``format_version`` (:data:`gigapath_core.interop.FORMAT_VERSION`, the
+    coordinate contract of ``docs/formats.md``) unless ``attrs`` sets it.
+
+    Args:
+        attrs: root (file) attributes.
+        dataset_attrs: dataset name -> attributes of that dataset (e.g. the ``coords`` attributes that
+            TRIDENT and CLAM read, :func:`gigapath_core.interop.coords_attrs`).
+    """
     import h5py
+
+    from .interop.contract import FORMAT_VERSION
 
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             for name, arr in datasets.items():
                 f.create_dataset(name, data=np.asarray(arr))
+            for name, dattrs in (dataset_attrs or {}).items():
+                for k, v in dattrs.items():
+                    f[name].attrs[k] = _attr(v)
+            f.attrs["format_version"] = FORMAT_VERSION
             for k, v in (attrs or {}).items():
                 f.attrs[k] = _attr(v)
 
@@ -101,6 +120,14 @@ def read_h5(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         data = {k: f[k][()] for k in f.keys()}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     return data, attrs
+
+
+def read_dataset_attrs(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Dataset name -> its attributes (bytes decoded), for every dataset of an HDF5 file."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {k: {a: (v.decode() if isinstance(v, bytes) else v) for a, v in f[k].attrs.items()} for k in f.keys()}
 
 
 def write_png(path: str | Path, image: np.ndarray) -> None:
@@ -117,9 +144,10 @@ def read_status(slide_dir: str | Path) -> dict[str, Any] | None:
     if not p.is_file():
         return None
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        status = json.loads(p.read_text())
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: no marker
         return None
+    return status if isinstance(status, dict) else None
 
 
 def is_done(slide_dir: str | Path) -> bool:

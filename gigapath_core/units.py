@@ -42,6 +42,21 @@ def level0_to_grid_px(coords: np.ndarray, source_mpp: tuple[float, float], targe
     return coords * np.array([source_mpp[0] / target_mpp, source_mpp[1] / target_mpp])
 
 
+#: magnification convention shared by TRIDENT (trident/wsi_objects/WSIPatcher.py: ``10 / src_mag``) and the
+#: field: 10x = 1 µm/px, so 0.5 µm/px = 20x and 0.25 µm/px = 40x.
+MAGNIFICATION_TIMES_MPP = 10.0
+
+
+def mpp_to_magnification(mpp: float) -> float:
+    """µm/px -> nominal objective magnification ``10 / mpp`` (0.25 -> 40.0, 0.2271 -> 44.03; not rounded)."""
+    return MAGNIFICATION_TIMES_MPP / float(mpp)
+
+
+def magnification_to_mpp(magnification: float) -> float:
+    """Nominal magnification -> µm/px ``10 / magnification`` (40 -> 0.25)."""
+    return MAGNIFICATION_TIMES_MPP / float(magnification)
+
+
 def best_level_for_mpp(level_downsamples: list[float], source_mpp: float, target_mpp: float) -> int:
     """Coarsest pyramid level whose resolution is at or finer than ``target_mpp`` (never upsample from a
     coarser level when a finer one exists). Tolerates 1% rounding in stored downsamples."""

@@ -39,7 +39,7 @@ def _config(slide: Path, **extra) -> dict:
         (lambda c: c.update(readers=["openslide", "bioformats"]),
          r"^readers\[1\]: unknown slide reader 'bioformats'; valid choices: .*openslide"),
         (lambda c: c.update(slide_encoder={"name": "mean"}, tile_encoder=None),
-         r"^slide_encoder: needs a tile_encoder stage$"),
+         r"^slide_encoder: needs a tile_encoder stage \(or tile features given with inputs.features\)$"),
     ],
 )
 def test_bad_configs_fail_before_work_with_key_path(mutate, message, example_slide, tmp_path):

@@ -1,6 +1,8 @@
 """Distributed training: the shared Trainer under ``torchrun`` (2 processes, gloo, loopback only) against one
-process with the same global batch: same gradients, same weights after each step, rank-0-only checkpoints and
-log, and a resumed 2-process run that ends where the uninterrupted single-process run ends."""
+process with the same global batch: same gradients, same weights after each step (with dropout: the masks are
+keyed to the global micro-batch), rank-0-only checkpoints and log, a resumed 2-process run that ends where the
+uninterrupted single-process run ends, and a LongNet + ABMIL fine-tune with dropout and drop-path that gives the
+same weights and predictions on 2 ranks as on one process."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from gigapath_core.training import distributed as D
 
 out, epochs = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
+model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1))  # masks keyed per micro-batch
 
 def batches(epoch):
     g = torch.Generator().manual_seed(100 + epoch)
@@ -158,51 +160,84 @@ def test_single_process_helpers_are_no_ops():
 
 
 # ------------------------------------------------------------------------------- a fine-tuning config
+DROPOUT = {"model.slide_encoder.params.dropout": 0.3, "model.slide_encoder.params.drop_path_rate": 0.5,
+           "model.head.params.dropout": 0.3}
+
+
+#: parameters that cannot change any output, so their exact gradient is 0: the attention-logit bias of ABMIL
+#: (softmax is shift-invariant). AdamW scales the round-off left in their gradient (~1e-9, summed in a different
+#: order on 2 ranks) to steps of ~lr, so their values are noise in every run and are not compared.
+NO_EFFECT = {"head.pool.w.bias"}
+
+
 def _finetune_inputs(d: Path) -> Path:
-    """8 slides of random 16-d tile embeddings (6-13 tiles), one per patient, binary labels; a finetune config
-    (ABMIL without dropout, so no random numbers are drawn per micro-batch) with 4 slides per optimiser step."""
+    """8 slides of random 16-d tile embeddings (10-17 tiles on a 4-wide grid), one per patient, binary labels;
+    a finetune config: a tiny random LongNet (2 layers, two dilated branches) + ABMIL with dropout 0.3 everywhere
+    and drop-path up to 0.5, random 8-tile subsets (``max_tiles``), 2 folds of 4 training slides, 4 slides per
+    optimiser step, 2 epochs (2 steps per fold)."""
     import csv
 
     import numpy as np
     import yaml
 
-    from gigapath_core.store import write_h5
+    from gigapath_core.stages.tile_embedding import write_tile_embeddings
 
     rng = np.random.default_rng(0)
     emb = d / "embeddings"
     rows = []
     for i in range(8):
-        n = 6 + i
-        write_h5(emb / f"slide{i}" / "tile_embeddings.h5",
-                 {"features": rng.normal(size=(n, 16)).astype(np.float32) + (i % 2),
-                  "coords": np.stack([np.arange(n) * 256, np.zeros(n)], 1).astype(np.int64)},
-                 {"tile_encoder": "synthetic", "weights_source": "random"})
+        n = 10 + i
+        grid = np.stack([np.arange(n) % 4 * 256, np.arange(n) // 4 * 256], 1)
+        write_tile_embeddings(emb / f"slide{i}" / "tile_embeddings.h5",
+                              rng.normal(size=(n, 16)).astype(np.float32) + (i % 2), grid * 2, grid,
+                              {"tile_encoder": "synthetic", "weights_source": "random"})
         rows.append({"slide_id": f"slide{i}", "patient_id": f"p{i}", "y": "pos" if i % 2 else "neg"})
     with open(d / "labels.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["slide_id", "patient_id", "y"])
         w.writeheader()
         w.writerows(rows)
+    longnet = {"name": "longnet", "weights": "random",
+               "params": {"depth": 2, "embed_dim": 16, "num_heads": 2, "segment_lengths": [4, 8],
+                          "dilated_ratios": [1, 2], "dropout": DROPOUT["model.slide_encoder.params.dropout"],
+                          "drop_path_rate": DROPOUT["model.slide_encoder.params.drop_path_rate"],
+                          "attention_backend": "math"}}
     cfg = {"job": "finetune",
            "data": {"embeddings": [str(emb)], "labels": str(d / "labels.csv"), "label_columns": ["y"],
-                    "task": "binary", "classes": ["neg", "pos"], "slides_per_patient": "all"},
+                    "task": "binary", "classes": ["neg", "pos"], "slides_per_patient": "all", "max_tiles": 8},
            "folds": {"k": 2, "seed": 0},
-           "model": {"slide_encoder": None, "head": {"name": "abmil", "params": {"attn_dim": 8, "dropout": 0.0}}},
-           "train": {"lr": 1.0e-2, "epochs": 1, "max_steps": 1, "grad_accum": 4, "warmup_epochs": 0, "seed": 0,
-                     "device": "cpu", "progress": False},
+           "model": {"slide_encoder": longnet,
+                     "head": {"name": "abmil", "params": {"attn_dim": 8,
+                                                          "dropout": DROPOUT["model.head.params.dropout"]}}},
+           "train": {"lr": 2.0e-2, "epochs": 2, "grad_accum": 4, "warmup_epochs": 0, "seed": 0, "device": "cpu",
+                     "progress": False},
            "plots": False, "cpu_threads": 1}
     (d / "finetune.yaml").write_text(yaml.safe_dump(cfg))
     return d / "finetune.yaml"
 
 
-def test_finetune_config_under_torchrun_matches_one_process(tmp_path):
+def _weights(out: Path, fold: int) -> dict[str, torch.Tensor]:
+    return _load(out / f"fold_{fold}" / "checkpoints" / "step_00000002" / "model.safetensors")
+
+
+def _probs(out: Path) -> dict[tuple[str, str, str], float]:
+    import csv
+
+    with open(out / "predictions.csv", newline="") as f:
+        return {(r["fold"], r["split"], r["slide_id"]): float(r["prob_pos"]) for r in csv.DictReader(f)}
+
+
+def test_longnet_finetune_with_dropout_under_torchrun_matches_one_process(tmp_path):
+    """Dropout, drop-path and the max_tiles subsets are keyed to the global micro-batch, so 2 ranks (each
+    training on every other slide) draw what one process draws: same weights, same predictions."""
     cfg = _finetune_inputs(tmp_path)
     gigapath = Path(sys.executable).with_name("gigapath")
     env = {**os.environ, "GIGAPATH_PROGRESS": "0", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     from gigapath_core.jobs import run
 
     threads = torch.get_num_threads()
-    try:  # the single-process reference, in this process
+    try:  # the single-process reference and the same run without dropout, in this process
         assert run(str(cfg), out=str(tmp_path / "single")) == 0
+        assert run(str(cfg), out=str(tmp_path / "no_dropout"), sets=[f"{k}=0" for k in DROPOUT]) == 0
     finally:
         torch.set_num_threads(threads)
     ddp = subprocess.run([str(TORCHRUN), "--nproc-per-node=2", "--nnodes=1", "--master-addr=127.0.0.1",
@@ -210,11 +245,17 @@ def test_finetune_config_under_torchrun_matches_one_process(tmp_path):
                           "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=240)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "rank 0 of 2" in ddp.stderr  # the Trainer started the process group (and so strides micro-batches)
+    single, no_dropout, dist = tmp_path / "single", tmp_path / "no_dropout", tmp_path / "ddp"
     for fold in (0, 1):
-        a = _load(tmp_path / "single" / f"fold_{fold}" / "checkpoints" / "step_00000001" / "model.safetensors")
-        b = _load(tmp_path / "ddp" / f"fold_{fold}" / "checkpoints" / "step_00000001" / "model.safetensors")
-        assert sorted(a) == sorted(b) and len(a) > 0
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=f"fold {fold} {k}")
-        log = (tmp_path / "ddp" / f"fold_{fold}" / "train_log.jsonl").read_text().splitlines()
-        assert len(log) == 1  # rank 0 only
+        a, b, c = _weights(single, fold), _weights(dist, fold), _weights(no_dropout, fold)
+        assert sorted(a) == sorted(b) and any(k.startswith("slide_encoder.encoder.layers.1.") for k in a)
+        diff = max(float((b[k] - a[k]).abs().max()) for k in a if k not in NO_EFFECT)
+        assert diff < 1e-5, f"fold {fold}: 2 ranks vs 1 process, max abs weight difference {diff}"
+        # dropout/drop-path really changed training (so the comparison above can fail)
+        assert max(float((c[k] - a[k]).abs().max()) for k in a) > 1e-3
+        log = (dist / f"fold_{fold}" / "train_log.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in log] == [1, 2]  # rank 0 only, 2 steps
+    p1, p2 = _probs(single), _probs(dist)
+    assert sorted(p1) == sorted(p2) and len(p1) == 8  # every slide is a test slide of one fold
+    assert max(abs(p1[k] - p2[k]) for k in p1) < 1e-5
+    assert max(abs(p1[k] - v) for k, v in _probs(no_dropout).items()) > 1e-4

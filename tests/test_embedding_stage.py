@@ -105,7 +105,7 @@ def test_pipeline_writes_tile_order_and_records_random_weights(example_slide, tm
     emb, attrs = read_h5(d / "tile_embeddings.h5")
     n = len(tiles["coords"])
     assert n >= 10 and emb["features"].shape == (n, 384) and emb["features"].dtype == np.float32
-    np.testing.assert_array_equal(emb["coords"], tiles["grid_coords"])  # rows in the tiler's (row-major) order
-    np.testing.assert_array_equal(emb["coords_level0"], tiles["coords"])
+    np.testing.assert_array_equal(emb["grid_coords"], tiles["grid_coords"])  # rows in the tiler's (row-major) order
+    np.testing.assert_array_equal(emb["coords"], tiles["coords"])
     assert attrs["weights_source"] == "random" and attrs["tile_encoder"] == "dinov2-vits14"
     assert "weights: random (not pretrained)" in caplog.text

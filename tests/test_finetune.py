@@ -40,7 +40,7 @@ def make_cohort(root: Path, n_patients: int = 16, task: str = "binary", dim: int
                 for c in ([j for j in range(n_classes) if target[j]] if task == "multilabel" else [target]):
                     feats[hot, c] += shift
             coords = np.stack([np.arange(n) % 4 * 256, np.arange(n) // 4 * 256], 1)
-            write_tile_embeddings(root / folder / sid / "tile_embeddings.h5", feats, coords, coords,
+            write_tile_embeddings(root / folder / sid / "tile_embeddings.h5", feats, coords * 2, coords,
                                   {"tile_encoder": "synthetic", "weights_source": "random"})
             row = {"slide_id": sid, "patient_id": f"P{p:02d}"}
             if task == "multilabel":

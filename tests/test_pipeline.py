@@ -51,8 +51,9 @@ def test_output_contract(slide_folder, tmp_path):
     assert tattrs["source_mpp_x"] == pytest.approx(0.499) and tattrs["target_mpp"] == 0.5
     assert tattrs["tile_size"] == 256 and tattrs["reader"] == "openslide"
     assert emb["features"].shape == (n, 384) and emb["features"].dtype == np.float32
-    np.testing.assert_array_equal(emb["coords"], tiles["grid_coords"])
-    np.testing.assert_array_equal(emb["coords_level0"], tiles["coords"])
+    np.testing.assert_array_equal(emb["grid_coords"], tiles["grid_coords"])  # format_version 2 (docs/formats.md)
+    np.testing.assert_array_equal(emb["coords"], tiles["coords"])
+    assert eattrs["format_version"] == 2 and tattrs["format_version"] == 2
     assert eattrs["weights_source"] == "random"
     np.testing.assert_allclose(slide["embedding"], emb["features"].mean(0), rtol=1e-5, atol=1e-6)  # mean pool
     assert sattrs["n_tiles"] == n

@@ -64,7 +64,8 @@ def small_longnet(**kw):
 
 
 def _write_tiles(d, feats, coords):
-    write_h5(d / "tile_embeddings.h5", {"features": feats, "coords": coords, "coords_level0": coords},
+    # format_version 2: coords level-0 px (here a 0.25 µm/px slide: twice the grid px), grid_coords grid px
+    write_h5(d / "tile_embeddings.h5", {"features": feats, "coords": coords * 2, "grid_coords": coords},
              {"tile_encoder": "test", "weights_source": "random"})
 
 
@@ -96,9 +97,9 @@ def test_stage_all_layers_and_zero_tiles(tmp_path):
 def test_stage_errors_are_per_slide(tmp_path):
     enc = small_longnet()
     feats, coords = _tiles(10)
-    coords[4] = (300_000, 512)  # off the 1000 x 1000 grid of 256-px cells (e.g. level-0 px of a 40x scan)
+    coords[4] = (300_032, 512)  # off the 1000 x 1000 grid of 256-px cells (cell 1172)
     _write_tiles(tmp_path, feats, coords)
-    with pytest.raises(SlideError, match=r"tile 4 of slide 0 at grid px \(x=300000, y=512\)"):
+    with pytest.raises(SlideError, match=r"tile 4 of slide 0 at grid px \(x=300032, y=512\)"):
         run_slide_embedding(enc, tmp_path, "tile_embeddings.h5", {}, device=torch.device("cpu"), precision="fp32")
     feats, coords = _tiles(10)
     feats[7, 3] = np.nan

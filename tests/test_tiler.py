@@ -201,7 +201,8 @@ def test_mask_options_on_synthetic_tissue():
 
     filled = tiler(median_size=1).tile(wsi)
     assert at(filled.tissue_mask, 256, 256)  # hole filled
-    holed = tiler(median_size=1, fill_holes=False).tile(wsi)
+    assert not at(filled.tissue_mask, 21, 21)  # the default min_area_um2 (1,000 µm²) drops the speck
+    holed = tiler(median_size=1, fill_holes=False, min_area_um2=0).tile(wsi)
     assert not at(holed.tissue_mask, 256, 256)
     assert at(holed.tissue_mask, 21, 21)
     # 9 px at 0.5 µm/px = 2.25 µm² < 10 µm²: dropped; the ring (~100,000 µm²) stays

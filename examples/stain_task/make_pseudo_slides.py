@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gigapath_core.store import read_h5, write_bytes, write_h5
+from gigapath_core.interop import grid_coords_attrs, read_tile_features
+from gigapath_core.store import write_bytes, write_h5
 
 #: source slide id (file name without extension) -> stain
 STAINS = {"CMU-1-Small-Region": "HE", "OS-1-detail": "HE", "OS-2-ndpi": "IHC"}
@@ -42,8 +43,9 @@ def cut_pseudo_slides(embed_dir: str | Path, out_dir: str | Path, region_px: int
             print(f"skipping {source}: no {path}", file=sys.stderr)
             continue
         found += 1
-        data, attrs = read_h5(path)
-        coords = data["coords"].astype(np.int64)
+        tf = read_tile_features(path)  # either format version; grid px in tf.grid_coords
+        data, attrs = {"features": tf.features, "coords": tf.coords}, tf.attrs
+        coords = tf.grid_coords
         region = coords // region_px  # (N, 2) region column, row
         for rc, rr in sorted({tuple(r) for r in region.tolist()}, key=lambda t: (t[1], t[0])):
             keep = np.flatnonzero((region[:, 0] == rc) & (region[:, 1] == rr))  # stays row-major
@@ -52,10 +54,11 @@ def cut_pseudo_slides(embed_dir: str | Path, out_dir: str | Path, region_px: int
             sid = f"{source}_x{rc}_y{rr}"
             origin = np.array([rc * region_px, rr * region_px], dtype=np.int64)
             write_h5(out_dir / sid / "tile_embeddings.h5",
-                     {"features": data["features"][keep], "coords": coords[keep] - origin,
-                      "coords_level0": data["coords_level0"][keep]},
-                     {**attrs, "source_slide": source, "region_origin_grid_px": origin.tolist(),
-                      "region_size_grid_px": region_px})
+                     {"features": data["features"][keep], "grid_coords": coords[keep] - origin,
+                      "coords": (data["coords"] if data["coords"] is not None else coords)[keep]},
+                     attrs={**attrs, "format_version": 2, "source_slide": source,
+                            "region_origin_grid_px": origin.tolist(), "region_size_grid_px": region_px},
+                     dataset_attrs={"grid_coords": grid_coords_attrs(target_mpp=tf.target_mpp, tile_size=tf.tile_size)})
             rows.append({"slide_id": sid, "patient_id": f"{source}_x{rc}_y{rr // patient_rows}",
                          "source_slide": source, "stain": stain, "n_tiles": len(keep)})
     if not found:

@@ -16,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterator
 
-from pydantic import Field
+from pydantic import Field, StrictInt
 
 from .base import Executor, ExecutorParams
 from .worker import call_slide, raise_config_error, worker_died_row
@@ -41,10 +41,11 @@ class LocalExecutor(Executor):
     name = "local"
 
     class Params(ExecutorParams):
-        workers: int = Field(1, ge=1, description="slides processed at once; > 1 = a pool of worker processes")
-        threads_per_worker: int | None = Field(None, ge=1,
-                                               description="torch CPU threads per pool worker (default: cores / workers)")
-        max_retries: int = Field(2, ge=0, description="re-runs of a slide whose worker process died")
+        workers: StrictInt = Field(1, ge=1, le=1024,
+                                   description="slides processed at once; > 1 = a pool of worker processes")
+        threads_per_worker: StrictInt | None = Field(
+            None, ge=1, le=4096, description="torch CPU threads per pool worker (default: cores / workers)")
+        max_retries: StrictInt = Field(2, ge=0, le=100, description="re-runs of a slide whose worker process died")
 
     def __init__(self, workers: int = 1, threads_per_worker: int | None = None, max_retries: int = 2):
         self.workers, self.max_retries = workers, max_retries

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import traceback
-from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError, GigapathError, SlideError
@@ -62,7 +61,9 @@ def _write_marker(config: Any, slide: Any, row: dict) -> None:
     if output:
         from ..store import write_status
 
+        from ..slide_ids import slide_dir
+
         try:
-            write_status(Path(output) / slide.slide_id, row)
-        except OSError as err:
+            write_status(slide_dir(output, slide.slide_id), row)
+        except (OSError, SlideError) as err:
             log.warning("could not write the status marker of %s: %s", slide.slide_id, err)

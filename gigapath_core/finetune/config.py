@@ -21,7 +21,15 @@ from ..training import TrainConfig
 
 class DataConfig(Strict):
     embeddings: list[str] = Field(min_length=1,
-                                  description="embed-run output folder(s) with <slide_id>/tile_embeddings.h5")
+                                  description="tile-feature sources: embed-run output folder(s) with "
+                                  "<slide_id>/tile_embeddings.h5, other tools' folders (<slide_id>.h5 of TRIDENT/"
+                                  "STAMP/prov-gigapath, CLAM h5_files/ + pt_files/) or a CSV with slide_id, "
+                                  "features_path[, level0_mpp] (docs/formats.md)")
+    level0_mpp: float | None = Field(None, gt=0, description="µm/px of the slides' level 0, for feature files "
+                                     "that do not record it (CLAM, STAMP level-0 px); a CSV column level0_mpp wins")
+    coords_unit: Literal["level0_px", "grid_px", "um"] | None = Field(
+        None, description="unit of the feature files' coords when their attributes do not tell it")
+    tile_size: int = Field(256, ge=1, description="grid cell side in px at 0.5 µm/px (the slide encoder's grid)")
     labels: str = Field(description="labels CSV: slide_id, patient_id and the label column(s)")
     label_columns: list[str] = Field(min_length=1, description="label column(s) of the CSV")
     task: Literal["binary", "multiclass", "multilabel"]
@@ -146,9 +154,12 @@ def load_finetune_config(raw: dict, base: Path, out: str | None = None) -> Finet
     if not Path(cfg.data.labels).is_file():
         raise ConfigError("data.labels", f"labels CSV not found: {cfg.data.labels}")
     for i, folder in enumerate(cfg.data.embeddings):
-        if not Path(folder).is_dir():
+        if folder.lower().endswith(".csv"):
+            if not Path(folder).is_file():
+                raise ConfigError(f"data.embeddings[{i}]", f"feature table (CSV) not found: {folder}")
+        elif not Path(folder).is_dir():
             raise ConfigError(f"data.embeddings[{i}]", f"embeddings folder not found: {folder} (the output folder "
-                              "of a `gigapath run` embed job)")
+                              "of a `gigapath run` embed job, or a folder of TRIDENT/CLAM/STAMP feature files)")
     if cfg.folds.splits is not None and not Path(cfg.folds.splits).is_file():
         raise ConfigError("folds.splits", f"splits file not found: {cfg.folds.splits}")
     se = cfg.model.slide_encoder

@@ -1,7 +1,9 @@
 """Fine-tuning data: the labels CSV joined with the tile embeddings of an embed run (SPEC §4).
 
 Labels CSV: columns ``slide_id``, ``patient_id`` and the label column(s). Tile embeddings: the ``embed`` job's
-``OUT/<slide_id>/tile_embeddings.h5`` (``features`` (N, D) float32, ``coords`` (N, 2) grid px at 0.5 µm/px).
+``OUT/<slide_id>/tile_embeddings.h5`` or another tool's feature files (TRIDENT, CLAM, STAMP, prov-gigapath; a
+folder or a CSV of paths, :mod:`gigapath_core.interop.locate`), all read by
+:func:`gigapath_core.interop.read_tile_features`, which checks the units and gives grid px at 0.5 µm/px.
 Per patient either the slide with the most tiles is kept (the paper) or all slides.
 """
 
@@ -17,7 +19,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..stages.tile_embedding import EMBEDDINGS_FILE
+from ..interop import FeatureLocator, read_tile_features
+from ..interop.locate import EMBEDDINGS_FILE
 from .config import DataConfig
 from .tasks import Task, make_task
 
@@ -27,13 +30,15 @@ REQUIRED_COLUMNS = ("slide_id", "patient_id")
 
 @dataclass
 class SlideRecord:
-    """One labelled slide: ``target`` is a class index or an (L,) 0/1 vector; ``path`` its tile_embeddings.h5."""
+    """One labelled slide: ``target`` is a class index or an (L,) 0/1 vector; ``path`` its tile-feature file,
+    read with ``read_options`` (:func:`gigapath_core.interop.read_tile_features` keywords)."""
 
     slide_id: str
     patient_id: str
     target: Any
     path: Path
     n_tiles: int
+    read_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -73,25 +78,18 @@ def read_labels(path: str | Path) -> list[dict[str, str]]:
     return rows
 
 
-def _find_embeddings(folders: list[str], slide_id: str) -> Path | None:
-    for folder in folders:
-        p = Path(folder) / slide_id / EMBEDDINGS_FILE
-        if p.is_file():
-            return p
-    return None
+def read_options(cfg: DataConfig, level0_mpp: float | None = None) -> dict:
+    """Keywords of :func:`read_tile_features` from the data config (a CSV row's ``level0_mpp`` wins)."""
+    return {"level0_mpp": level0_mpp or cfg.level0_mpp, "coords_unit": cfg.coords_unit, "tile_size": cfg.tile_size,
+            "key_prefix": "data."}
 
 
-def _h5_info(path: Path) -> tuple[int, int, dict[str, str]]:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        if "features" not in f or "coords" not in f:
-            raise ConfigError("data.embeddings",
-                              f"{path} has no 'features'/'coords' datasets (not a tile_embeddings.h5)")
-        shape = f["features"].shape
-        attrs = {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in f.attrs.items()
-                 if k in ("tile_encoder", "weights_source", "coords_unit")}
-    return int(shape[0]), int(shape[1]) if len(shape) == 2 else 0, attrs
+def _provenance(tf) -> dict[str, str]:
+    encoder = tf.attrs.get("tile_encoder") or tf.attrs.get("extractor")
+    if not encoder and tf.path.parent.name.startswith("features_"):  # TRIDENT features_<encoder>/
+        encoder = tf.path.parent.name[len("features_"):]
+    return {"tile_encoder": str(encoder or f"unknown ({tf.source_format})"),
+            "weights_source": str(tf.attrs.get("weights_source", "unknown"))}
 
 
 def load_data(cfg: DataConfig) -> FinetuneData:
@@ -108,6 +106,7 @@ def load_data(cfg: DataConfig) -> FinetuneData:
         raise ConfigError("data.label_columns", f"{cfg.labels} has no column {absent[0]!r} (has {', '.join(header)})")
     task = make_task(cfg.task, cfg.label_columns, [[r.get(c) or "" for r in rows] for c in cfg.label_columns],
                      cfg.classes, cfg.ordinal)
+    locator = FeatureLocator(cfg.embeddings, "data.embeddings")
     records: list[SlideRecord] = []
     excluded: dict[str, str] = {}
     seen: set[str] = set()
@@ -122,21 +121,24 @@ def load_data(cfg: DataConfig) -> FinetuneData:
             raise ConfigError("data.labels", f"{where}: slide_id {sid!r} appears twice")
         seen.add(sid)
         target = task.encode(row, where)
-        path = _find_embeddings(cfg.embeddings, sid)
-        if path is None:
+        src = locator.find(sid)
+        if src is None:
             if cfg.missing_embeddings == "error":
-                raise ConfigError("data.embeddings", f"no {sid}/{EMBEDDINGS_FILE} in {', '.join(cfg.embeddings)} "
+                raise ConfigError("data.embeddings", f"no tile features of {sid} ({sid}/{EMBEDDINGS_FILE}, {sid}.h5, "
+                                  f"h5_files/{sid}.h5 or pt_files/{sid}.pt) in {', '.join(cfg.embeddings)} "
                                   f"(labels {where}); run the embed job on it or set data.missing_embeddings: skip")
             excluded[sid] = "no tile embeddings"
             continue
-        n, d, attrs = _h5_info(path)
+        options = read_options(cfg, src.level0_mpp)
+        tf = read_tile_features(src.path, **options)
+        n, d = len(tf), tf.dim
         if n == 0:
             excluded[sid] = "zero tiles"
             continue
         widths.setdefault(d, sid)
-        for k in provenance:
-            provenance[k].add(attrs.get(k, "unknown"))
-        records.append(SlideRecord(sid, pid, target, path, n))
+        for k, v in _provenance(tf).items():
+            provenance[k].add(v)
+        records.append(SlideRecord(sid, pid, target, src.path, n, options))
     if len(widths) > 1:
         (d1, s1), (d2, s2) = list(widths.items())[:2]
         raise ConfigError("data.embeddings", f"tile embeddings of different widths: {s1} is {d1}-d, {s2} is {d2}-d "
@@ -162,15 +164,12 @@ def load_data(cfg: DataConfig) -> FinetuneData:
 
 def load_slide(record: SlideRecord, max_tiles: int | None = None, rng: np.random.Generator | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(1, N, D) float32 features and (1, N, 2) float32 grid-px coords of one slide.
+    """(1, N, D) float32 features and (1, N, 2) float32 grid-px coords (``grid_coords``) of one slide.
 
     With ``max_tiles`` and ``rng``, a random subset of at most ``max_tiles`` tiles, kept in row-major order.
     """
-    import h5py
-
-    with h5py.File(record.path, "r") as f:
-        feats = f["features"][()]
-        coords = f["coords"][()]
+    tf = read_tile_features(record.path, **record.read_options)
+    feats, coords = tf.features, tf.grid_coords
     if max_tiles is not None and rng is not None and len(feats) > max_tiles:
         keep = np.sort(rng.choice(len(feats), size=max_tiles, replace=False))
         feats, coords = feats[keep], coords[keep]

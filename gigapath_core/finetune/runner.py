@@ -15,6 +15,7 @@ interrupted fold continues from its last checkpoint (shared Trainer).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from pathlib import Path
@@ -188,12 +189,17 @@ def run_fold(cfg: FinetuneConfig, data: FinetuneData, splits: Splits, fold: int,
     trainer = Trainer(model, tcfg, fold_dir, steps_per_epoch=len(train_ids), layer_id=layer_id, num_layers=num_layers)
     device = trainer.device
 
+    def load(epoch: int, i: int, j: int):
+        """Micro-batch ``i`` of ``epoch``: training slide ``j``, its tile subset drawn from a generator keyed to
+        (seed, fold, epoch, i) — the same on any number of ranks and after a resume."""
+        rec = data.slides[train_ids[j]]
+        feats, coords = load_slide(rec, cfg.data.max_tiles, np.random.default_rng([cfg.train.seed, fold, epoch, i]))
+        return feats, coords, task.target_tensor(rec.target)
+
     def batches(epoch: int):
-        rng = np.random.default_rng([cfg.train.seed, fold, epoch])  # own generator: same order after a resume
-        for j in rng.permutation(len(train_ids)):
-            rec = data.slides[train_ids[j]]
-            feats, coords = load_slide(rec, cfg.data.max_tiles, rng)
-            yield feats, coords, task.target_tensor(rec.target)
+        order = np.random.default_rng([cfg.train.seed, fold, epoch]).permutation(len(train_ids))
+        # lazy: the trainer loads a slide only on the rank that trains on it (see training/trainer.py)
+        return (functools.partial(load, epoch, i, int(j)) for i, j in enumerate(order))
 
     def step_fn(m, batch):
         feats, coords, target = (t.to(device, non_blocking=True) for t in batch)

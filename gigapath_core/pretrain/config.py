@@ -18,9 +18,21 @@ from ..training import TrainConfig
 class EmbeddingsConfig(Strict):
     """Where tile embeddings come from (exactly one of the three)."""
 
-    dir: str | None = Field(None, description="output folder of an embed job: <dir>/<slide_id>/tile_embeddings.h5")
-    files: list[str] = Field(default_factory=list, description="tile_embeddings.h5 paths or globs (slide_id = folder)")
+    dir: str | None = Field(None, description="output folder of an embed job (<dir>/<slide_id>/tile_embeddings.h5), "
+                            "another tool's feature folder or a CSV slide_id,features_path (docs/formats.md)")
+    files: list[str] = Field(default_factory=list, description="feature file paths or globs (slide_id = the folder "
+                             "of a tile_embeddings.h5, else the file name)")
     embed: dict[str, Any] | None = Field(None, description="an embed-job config run first into <output>/embeddings")
+    level0_mpp: float | None = Field(None, gt=0, description="µm/px of level 0 for feature files that do not "
+                                     "record it (docs/formats.md)")
+    coords_unit: Literal["level0_px", "grid_px", "um"] | None = Field(
+        None, description="unit of the feature files' coords when their attributes do not tell it")
+    tile_size: int = Field(256, ge=1, description="grid cell side in px at 0.5 µm/px")
+
+    def read_options(self) -> dict[str, Any]:
+        """Keywords of :func:`gigapath_core.interop.read_tile_features`."""
+        return {"level0_mpp": self.level0_mpp, "coords_unit": self.coords_unit, "tile_size": self.tile_size,
+                "key_prefix": "embeddings."}
 
     @model_validator(mode="after")
     def _one(self):

@@ -2,8 +2,8 @@
 
 - :class:`TileSource`: tiles streamed from slides (open with the configured readers, tile with the tiler,
   read lazily with ``Tiler.read_tile``; each process keeps its own slide handles);
-- :func:`load_slide_embeddings`: ``tile_embeddings.h5`` of the embed job (``features`` (N, D) float32,
-  ``coords`` (N, 2) grid px);
+- :func:`load_slide_embeddings`: ``tile_embeddings.h5`` of the embed job or another tool's feature files, read
+  by :func:`gigapath_core.interop.read_tile_features` (``features`` (N, D) float32, ``coords`` (N, 2) grid px);
 - :func:`load_pairs`: slide–report pairs from a CSV (``slide_id, report[, region][, label]``), reports
   cleaned by a ``report_cleaner`` plugin, ``region`` = ``"x0 y0 x1 y1"`` grid px selecting the tiles whose
   top-left corner lies in ``[x0, x1) x [y0, y1)``;
@@ -26,7 +26,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, SlideError
-from ..store import read_h5
 
 log = logging.getLogger("gigapath")
 EMBEDDINGS_FILE = "tile_embeddings.h5"
@@ -119,42 +118,53 @@ class TileSource:
 
 # ------------------------------------------------------------------------------------------ embeddings
 def embedding_files(dir: str | None = None, files: list[str] = ()) -> dict[str, Path]:
-    """slide_id -> tile_embeddings.h5 from an embed output folder or a list of paths/globs.
+    """slide_id -> tile-feature file from a folder (an embed output folder, or another tool's feature folder /
+    CSV of paths, :class:`gigapath_core.interop.FeatureLocator`) or a list of paths/globs (slide_id = the folder
+    of a ``tile_embeddings.h5``, else the file name without extension).
 
     Raises ConfigError (``embeddings.dir`` / ``embeddings.files[i]``) when nothing matches.
     """
+    from ..interop import FeatureLocator
+
     found: dict[str, Path] = {}
     if dir is not None:
-        for p in sorted(Path(dir).glob(f"*/{EMBEDDINGS_FILE}")):
-            found[p.parent.name] = p
+        if not Path(dir).exists():
+            raise ConfigError("embeddings.dir", f"not found: {dir}")
+        found = {sid: src.path for sid, src in FeatureLocator([dir], "embeddings.dir").all().items()}
         if not found:
-            raise ConfigError("embeddings.dir", f"no */{EMBEDDINGS_FILE} under {dir} (run the embed job first)")
+            raise ConfigError("embeddings.dir", f"no */{EMBEDDINGS_FILE} (or other tool's feature file) under {dir} "
+                              "(run the embed job first)")
     for i, pattern in enumerate(files):
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if Path(m).is_file()]
         if not matches:
             raise ConfigError(f"embeddings.files[{i}]", f"no file matches {pattern!r}")
         for m in matches:
-            found[Path(m).parent.name] = Path(m)
+            found[Path(m).parent.name if Path(m).name == EMBEDDINGS_FILE else Path(m).stem] = Path(m)
     return found
 
 
-def load_slide_embeddings(paths: dict[str, Path]) -> dict[str, dict[str, np.ndarray]]:
+def load_slide_embeddings(paths: dict[str, Path], **read_options: Any) -> dict[str, dict[str, np.ndarray]]:
     """slide_id -> {"features": (N, D) float32, "coords": (N, 2) float32 grid px}; empty slides dropped.
 
-    Raises ConfigError if the files disagree on D or lack ``features``/``coords``.
+    Each file is read by :func:`gigapath_core.interop.read_tile_features` (ours of either format version, or
+    another tool's, with ``read_options``); ``coords`` here are its checked ``grid_coords``.
+
+    Raises ConfigError if the files disagree on D or their units cannot be worked out; FeatureFileError for a
+    file without ``features``/``coords`` or with non-finite values.
     """
+    from ..interop import read_tile_features
+
+    read_options.setdefault("key_prefix", "embeddings.")
     out: dict[str, dict[str, np.ndarray]] = {}
     dims = set()
     for sid, path in paths.items():
-        data, _ = read_h5(path)
-        if "features" not in data or "coords" not in data:
-            raise ConfigError("embeddings", f"{path} lacks 'features' or 'coords' (not a tile_embeddings.h5)")
-        if len(data["features"]) == 0:
+        tf = read_tile_features(path, **read_options)
+        if len(tf) == 0:
             log.warning("skipping %s: no tiles", sid)
             continue
-        out[sid] = {"features": data["features"].astype(np.float32), "coords": data["coords"].astype(np.float32)}
-        dims.add(int(data["features"].shape[1]))
+        out[sid] = {"features": tf.features, "coords": tf.grid_coords.astype(np.float32)}
+        dims.add(tf.dim)
     if len(dims) > 1:
         raise ConfigError("embeddings", f"tile embeddings of different widths {sorted(dims)} (mixed tile encoders?)")
     if not out:

@@ -111,8 +111,8 @@ def resolve_embeddings(emb: EmbeddingsConfig, base: Path, output: str) -> dict[s
             log.warning(
                 "the embed job failed on some slides (see %s); continuing with the others", folder / "manifest.csv"
             )
-        return load_slide_embeddings(embedding_files(str(folder)))
-    return load_slide_embeddings(embedding_files(emb.dir, emb.files))
+        return load_slide_embeddings(embedding_files(str(folder)), **emb.read_options())
+    return load_slide_embeddings(embedding_files(emb.dir, emb.files), **emb.read_options())
 
 
 # ------------------------------------------------------------------------------------------ jobs

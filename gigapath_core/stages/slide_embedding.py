@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConfigError, SlideError
 from ..kinds import SlideEncoder
-from ..store import read_h5, write_h5
+from ..store import write_h5
 from .tile_embedding import autocast_context
 
 log = logging.getLogger("gigapath")
@@ -56,30 +56,37 @@ def encode_slide(encoder: SlideEncoder, features: np.ndarray, coords: np.ndarray
     return out.float().cpu().numpy()
 
 
-def run_slide_embedding(encoder: SlideEncoder, slide_dir: Path, tile_file: str, attrs: dict, *,
-                        device: torch.device, precision: str) -> np.ndarray | None:
-    """Write ``slide_embedding.h5`` from ``slide_dir / tile_file``; a slide with zero tiles gets no embedding
-    (returns None).
+def run_slide_embedding(encoder: SlideEncoder, slide_dir: Path, tile_file: str | Path, attrs: dict, *,
+                        device: torch.device, precision: str, read_options: dict | None = None) -> np.ndarray | None:
+    """Write ``slide_embedding.h5`` from ``slide_dir / tile_file`` (ours, or any tool's feature file: an absolute
+    ``tile_file`` is read where it is); a slide with zero tiles gets no embedding (returns None).
 
+    Args:
+        read_options: keyword arguments of :func:`gigapath_core.interop.read_tile_features` (``level0_mpp``,
+            ``coords_unit``, ``tile_size``, ``key_prefix``) for foreign files.
     Raises:
-        SlideError: the tile embeddings are not finite, or their coordinates do not fit the encoder (named in
-            the message); the pipeline records it for this slide and goes on.
-        ConfigError: the encoder does not take tile embeddings of this width (affects every slide).
+        SlideError: the tile embeddings are not finite (:class:`FeatureFileError`), or their coordinates do not
+            fit the encoder (named in the message); the pipeline records it for this slide and goes on.
+        ConfigError: the encoder does not take tile embeddings of this width, or the file's units cannot be
+            worked out (names the key that supplies them).
     """
-    path = Path(slide_dir) / tile_file
-    data, tile_attrs = read_h5(path)
-    features, coords = data["features"], data["coords"]
-    n = len(features)
+    from ..interop import read_tile_features
+
+    tf = read_tile_features(Path(slide_dir) / tile_file, **(read_options or {}))
+    return embed_tile_features(encoder, tf, slide_dir, attrs, device=device, precision=precision)
+
+
+def embed_tile_features(encoder: SlideEncoder, tf, slide_dir: Path, attrs: dict, *, device: torch.device,
+                        precision: str) -> np.ndarray | None:
+    """Slide-encode a :class:`gigapath_core.interop.TileFeatures` (its ``grid_coords``) and write
+    ``slide_dir/slide_embedding.h5``; None (nothing written) for zero tiles. Raises as :func:`run_slide_embedding`."""
+    path = tf.path
+    n = len(tf.features)
     if n == 0:
         return None
-    finite = np.isfinite(features).all(axis=1)
-    if not finite.all():
-        i = int(np.argmin(finite))
-        raise SlideError(path, f"tile embedding {i} (grid px {tuple(int(v) for v in coords[i])}) is not finite "
-                               f"({int((~finite).sum())} of {n} tiles); re-run the tile-embedding stage")
     t0 = time.perf_counter()
     try:
-        emb = encode_slide(encoder, features, coords, device=device, precision=precision)
+        emb = encode_slide(encoder, tf.features, tf.grid_coords, device=device, precision=precision)
     except ConfigError as err:
         if err.key_path != "coords":
             raise
@@ -89,8 +96,9 @@ def run_slide_embedding(encoder: SlideEncoder, slide_dir: Path, tile_file: str, 
         raise SlideError(path, f"the slide encoder returned a non-finite embedding (precision {precision!r}; "
                                f"try precision: fp32)")
     write_h5(Path(slide_dir) / SLIDE_FILE, {"embedding": emb.astype(np.float32)},
-             {**attrs, "n_tiles": int(n), "coords_unit": "grid px at 0.5 um/px",
+             {**attrs, "n_tiles": int(n), "grid_coords_unit": f"grid px at {tf.target_mpp} um/px",
               "embedding_layout": "per_layer" if emb.ndim == 2 else "slide",
-              "tile_encoder": tile_attrs.get("tile_encoder", ""),
-              "tile_encoder_weights": tile_attrs.get("weights_source", "")})
+              "tile_features": str(path), "tile_features_format": tf.source_format,
+              "tile_encoder": str(tf.attrs.get("tile_encoder", tf.attrs.get("extractor", ""))),
+              "tile_encoder_weights": str(tf.attrs.get("weights_source", ""))})
     return emb

@@ -177,13 +177,21 @@ def embed_tiles(encoder: TileEncoder, dataset: Dataset, *, batch_size: int = 32,
     return out
 
 
-def write_tile_embeddings(path: Path, features: np.ndarray, grid_coords: np.ndarray, level0_coords: np.ndarray,
-                          attrs: dict) -> None:
-    """``tile_embeddings.h5``: ``features`` (N, D) float32, ``coords`` (N, 2) int64 grid px at 0.5 µm/px
-    (what the slide encoder takes), ``coords_level0`` (N, 2) int64 level-0 px; ``attrs`` become h5 attributes
-    (the pipeline records ``tile_encoder``, ``weights_source``, ``embed_dim``, units and the fingerprint)."""
+def write_tile_embeddings(path: Path, features: np.ndarray, coords: np.ndarray, grid_coords: np.ndarray,
+                          attrs: dict, dataset_attrs: dict[str, dict] | None = None) -> None:
+    """``tile_embeddings.h5`` (format_version 2, ``docs/formats.md``): ``features`` (N, D) float32, ``coords``
+    (N, 2) int64 level-0 px top-left (x, y), ``grid_coords`` (N, 2) int64 grid px at 0.5 µm/px (what the slide
+    encoder takes).
+
+    Args:
+        attrs: root attributes (the pipeline records ``tile_encoder``, ``weights_source``, ``embed_dim`` and the
+            fingerprint).
+        dataset_attrs: attributes of ``coords`` / ``grid_coords`` (the pipeline copies those of ``tiles.h5``:
+            the TRIDENT/CLAM attributes of :func:`gigapath_core.interop.coords_attrs`).
+    """
     from ..store import write_h5
 
     write_h5(path, {"features": features.astype(np.float32),
-                    "coords": np.asarray(grid_coords, dtype=np.int64).reshape(-1, 2),
-                    "coords_level0": np.asarray(level0_coords, dtype=np.int64).reshape(-1, 2)}, attrs)
+                    "coords": np.asarray(coords, dtype=np.int64).reshape(-1, 2),
+                    "grid_coords": np.asarray(grid_coords, dtype=np.int64).reshape(-1, 2)}, attrs,
+             dataset_attrs=dataset_attrs)

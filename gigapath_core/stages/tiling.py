@@ -2,11 +2,13 @@
 
 Outputs in the slide folder (see :mod:`gigapath_core.store`):
 
-- ``tiles.h5``: ``coords`` (N, 2) int64 level-0 px top-left corners, ``grid_coords`` (N, 2) int64 px at
-  ``target_mpp`` (multiples of ``tile_size``: what the slide encoder takes, SPEC §1), ``occupancy`` (N,)
+- ``tiles.h5`` (format_version 2, ``docs/formats.md``): ``coords`` (N, 2) int64 level-0 px top-left corners
+  (with the TRIDENT/CLAM attributes of :mod:`gigapath_core.interop.contract`), ``grid_coords`` (N, 2) int64 px
+  at ``target_mpp`` (multiples of ``tile_size``: what the slide encoder takes, SPEC §1), ``occupancy`` (N,)
   float32; attributes record the reader, source mpp (and whether it was an override), level, read size, the
   tiler's facts (Otsu threshold, tissue fraction, grid size).
-- ``thumbnail.png``: the mask thumbnail with the tissue outline (green) and the kept tiles (blue boxes).
+- ``thumbnail.png``: the mask thumbnail with the tissue outline (green), the annotation mask's region (orange)
+  and excluded annotations (magenta) when one is used, and the kept tiles (blue boxes).
 - ``tissue.geojson``: tissue polygons (with holes) in level-0 px, a FeatureCollection that QuPath imports
   (drag it onto the open slide) as "Tissue" annotations.
 """
@@ -21,6 +23,7 @@ import numpy as np
 from .. import __version__
 from ..errors import SlideError, SlideOpenError
 from ..kinds import WSI, Tiler, TileGrid
+from ..masks import MaskSpec, load_mask
 from ..store import write_bytes, write_h5, write_png
 
 TILES_FILE = "tiles.h5"
@@ -130,35 +133,75 @@ def tissue_geojson(grid: TileGrid, level0_size: tuple[int, int] | None = None) -
     return {"type": "FeatureCollection", "features": features}
 
 
-def qc_thumbnail(grid: TileGrid, level0_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Thumbnail with the tissue-mask outline (green) and kept tiles (blue boxes): (h, w, 3) uint8."""
+#: QC colours: tissue outline, annotation region outline, excluded annotations, kept tiles
+TISSUE_RGB, REGION_RGB, EXCLUDED_RGB, TILE_RGB = (0, 200, 0), (255, 140, 0), (220, 0, 200), (30, 60, 255)
+
+
+def outline_width(shape: tuple[int, ...]) -> int:
+    """Outline width in px for a QC image of ``shape`` (h, w, ...): 2 px on a 1,024-px thumbnail, scaling with
+    the long side (1 px below 768 px)."""
+    return max(1, round(max(shape[:2]) / 512))
+
+
+def qc_thumbnail(grid: TileGrid, level0_size: tuple[int, int] | None = None, annotations=None) -> np.ndarray:
+    """Thumbnail with the tissue-mask outline (green), the annotation region's outline (orange) and excluded
+    annotations (magenta) when a mask was used, and the kept tiles (blue boxes): (h, w, 3) uint8.
+
+    Line widths scale with the image (:func:`outline_width`); annotations are level-0 px, drawn at
+    1 / mask downsample."""
     from PIL import Image, ImageDraw
+    from scipy import ndimage
     from skimage.segmentation import find_boundaries
 
+    from ..masks import geometry_rings
+
     dsx, dsy = _mask_downsample_xy(grid, level0_size)
+    width = outline_width(grid.thumbnail.shape)
     img = grid.thumbnail.copy()
-    img[find_boundaries(grid.tissue_mask, mode="inner")] = (0, 200, 0)
+    edge = find_boundaries(grid.tissue_mask, mode="inner")
+    if width > 1 and edge.any():  # thicken inwards: the outline stays on the tissue side
+        edge = ndimage.binary_dilation(edge, iterations=width - 1) & grid.tissue_mask
+    img[edge] = TISSUE_RGB
     pil = Image.fromarray(img)
     draw = ImageDraw.Draw(pil)
+
+    def ring_line(xy: np.ndarray, colour) -> None:
+        if len(xy) >= 2:
+            draw.line([(float(x), float(y)) for x, y in xy], fill=colour, width=width, joint="curve")
+
+    if annotations is not None:
+        scale = np.array([1.0 / dsx, 1.0 / dsy])
+        if not annotations.exclude.is_empty:
+            for ring in geometry_rings(annotations.exclude):
+                ring_line(ring * scale, EXCLUDED_RGB)
+        for ring in geometry_rings(annotations.region):
+            ring_line(ring * scale, REGION_RGB)
     side_x = grid.tile_size * grid.target_mpp / grid.source_mpp[0] / dsx
     side_y = grid.tile_size * grid.target_mpp / grid.source_mpp[1] / dsy
+    box_width = max(1, width // 2)
     for x, y in grid.coords:
         x0, y0 = x / dsx, y / dsy
-        draw.rectangle([x0, y0, x0 + side_x, y0 + side_y], outline=(30, 60, 255))
+        draw.rectangle([x0, y0, x0 + side_x, y0 + side_y], outline=TILE_RGB, width=box_width)
     return np.asarray(pil)
 
 
-def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float] | None, attrs: dict) -> TileGrid:
+def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float] | None, attrs: dict,
+               mask: MaskSpec | None = None) -> TileGrid:
     """Tile ``wsi`` and write ``tiles.h5``, ``thumbnail.png`` and ``tissue.geojson`` into ``slide_dir``.
 
     Args:
         mpp: per-slide level-0 mpp override (config ``inputs.mpp`` / CSV ``slide_mpp``), or None.
+        mask: the slide's QuPath GeoJSON annotation mask (``inputs.masks`` / CSV ``mask``), or None; recorded in
+            the tiles.h5 attrs ``mask_path``, ``mask_sha256``, ``mask_mode``... (``mask_path`` "" when none).
     Raises:
-        MissingMppError, ImplausibleMppError, SlideReadError: from the tiler (the slide fails, the batch goes on).
+        MissingMppError, ImplausibleMppError, PixelBudgetError, SlideReadError: from the tiler; MaskError: the
+        mask is unusable (each fails the slide, the batch goes on).
     """
-    grid = tiler.tile(wsi, mpp)
     level0 = tuple(wsi.level_dimensions[0])
-    write_png(slide_dir / "thumbnail.png", qc_thumbnail(grid, level0))
+    annotations = load_mask(mask, wsi.path, level0) if mask is not None else None
+    grid = tiler.tile(wsi, mpp, annotations) if annotations is not None else tiler.tile(wsi, mpp)
+    attrs = {**attrs, **(annotations.attrs() if annotations is not None else {"mask_path": "", "mask_mode": "none"})}
+    write_png(slide_dir / "thumbnail.png", qc_thumbnail(grid, level0, annotations))
     write_bytes(slide_dir / "tissue.geojson", json.dumps(tissue_geojson(grid, level0)).encode())
     write_h5(
         slide_dir / TILES_FILE,
@@ -167,7 +210,7 @@ def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float]
             "grid_coords": grid.grid_coords.astype(np.int64).reshape(-1, 2),
             "occupancy": grid.occupancy.astype(np.float32),
         },
-        {
+        attrs={
             **attrs,
             "reader": wsi.reader,
             "tiler": tiler.name,
@@ -185,5 +228,19 @@ def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float]
             "tiler_info": grid.info,
             "gigapath_version": __version__,
         },
+        dataset_attrs=tile_coords_attrs(grid, attrs.get("slide_id", ""),
+                                        [float(d) for d in wsi.level_downsamples]),
     )
     return grid
+
+
+def tile_coords_attrs(grid: TileGrid, name: str, level_downsamples: list[float]) -> dict[str, dict]:
+    """``{"coords": ..., "grid_coords": ...}`` dataset attributes of the coordinate contract
+    (:func:`gigapath_core.interop.coords_attrs`) for a tile grid."""
+    from ..interop import coords_attrs, grid_coords_attrs
+
+    level = int(grid.level)
+    ds = level_downsamples[level] if level < len(level_downsamples) else 1.0
+    return {"coords": coords_attrs(float(grid.source_mpp[0]), target_mpp=float(grid.target_mpp),
+                                   tile_size=int(grid.tile_size), name=name, patch_level=level, downsample=ds),
+            "grid_coords": grid_coords_attrs(target_mpp=float(grid.target_mpp), tile_size=int(grid.tile_size))}

@@ -13,6 +13,15 @@ them per optimiser step, so one step sees the same global batch as a single proc
 micro-batches (gradients are averaged by DDP; no all-reduce on accumulation micro-batches). Only rank 0 writes
 checkpoints and ``train_log.jsonl`` (the loss it logs is the mean over ranks); every rank resumes from the same
 checkpoint. Jobs whose ``batches`` already yield this rank's share pass ``shard_batches=False``.
+
+Random draws (see :mod:`gigapath_core.training.rng`): each micro-batch runs (loading, forward and backward)
+inside :func:`~gigapath_core.training.rng.keyed_rng` seeded from ``(seed, epoch, i)``, ``i`` its position in
+``batches(epoch)``; dropout, drop-path and any draw from torch's, numpy's or Python's global generators are then
+the same on 1 or N ranks and after a resume. A micro-batch may be yielded as a zero-argument callable (e.g.
+``functools.partial(load, k)``): the trainer calls it only on the rank that trains on it, inside that scope, so
+ranks (and a resumed run skipping consumed micro-batches) do not load data they do not use. With
+``shard_batches=False`` the key of this rank's ``i``-th micro-batch is ``i * W + r`` (its position in a
+:func:`~gigapath_core.training.distributed.rank_share` of one list), so ranks never share a mask.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import is_main_process
 from .optim import TrainConfig, build_optimizer, cosine_schedule
+from .rng import keyed_rng, micro_batch_seed
 
 log = logging.getLogger("gigapath")
 
@@ -95,6 +105,9 @@ class Trainer:
         self._ddp = world > 1
         self._stride = world if (self._ddp and shard_batches) else 1
         self._rank = distributed.get_rank() if self._stride > 1 else 0
+        # global index of this rank's i-th micro-batch when the job shards itself (rank_share order: r, r+W, ...)
+        own_share = self._ddp and not shard_batches
+        self._key_mul, self._key_add = (world, distributed.get_rank()) if own_share else (1, 0)
         self._usable = (self.steps_per_epoch // self._stride) * self._stride
         self._accum = max(1, self.cfg.grad_accum // self._stride) if self._stride > 1 else self.cfg.grad_accum
         if self._stride > 1 and self.cfg.grad_accum % self._stride:
@@ -179,7 +192,11 @@ class Trainer:
                     will_step = (j + 1) % accum == 0 or end_of_epoch
                     # DDP: all-reduce gradients only on the micro-batch that ends an accumulation
                     sync = self.train_model.no_sync() if self._ddp and not will_step else contextlib.nullcontext()
-                    with sync:
+                    # random draws keyed to the global micro-batch, not to this process's stream
+                    key = micro_batch_seed(self.cfg.seed, epoch, i * self._key_mul + self._key_add)
+                    with keyed_rng(key, self.device), sync:
+                        if callable(batch):
+                            batch = batch()
                         with self._autocast():
                             out = step_fn(self.train_model, batch)
                         loss = out["loss"]

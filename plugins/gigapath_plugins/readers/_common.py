@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from gigapath_core.kinds import thumbnail_level, thumbnail_size  # noqa: F401  (re-exported for the readers)
 from gigapath_core.units import length_to_um
 
 #: largest region (level px) a reader decodes at once while building a thumbnail: 16 Mpx ~ 48 MB RGB
@@ -61,22 +62,6 @@ def aperio_mpp(description: str | None) -> tuple[float, float] | None:
     except ValueError:
         return None
     return (v, v) if v > 0 and math.isfinite(v) else None
-
-
-def thumbnail_size(level0: tuple[int, int], max_size: int) -> tuple[int, int]:
-    """(w, h) of a thumbnail with long side ``max_size`` — never larger than the slide (no upsampling)."""
-    w0, h0 = level0
-    scale = min(1.0, max_size / max(w0, h0))
-    return max(1, round(w0 * scale)), max(1, round(h0 * scale))
-
-
-def thumbnail_level(level_dimensions: list[tuple[int, int]], size: tuple[int, int]) -> int:
-    """Coarsest level that is at least ``size`` on both axes (so the thumbnail is a downsample)."""
-    best = 0
-    for i, (w, h) in enumerate(level_dimensions):
-        if w >= size[0] and h >= size[1] and w * h <= level_dimensions[best][0] * level_dimensions[best][1]:
-            best = i
-    return best
 
 
 def blockwise_thumbnail(read_level: Callable[[int, int, int, int], np.ndarray], level_size: tuple[int, int],

@@ -1,14 +1,22 @@
 """Otsu tissue segmentation + 256-px tile grid at 0.5 µm/px (SPEC §1; paper Methods "Preprocessing WSIs";
 CLAM/HIPT practice).
 
-1. Thumbnail of about ``thumbnail_size`` px long side (``WSI.thumbnail``: bounded memory, never upsampled).
+1. Mask thumbnail (``WSI.thumbnail``: bounded memory, never upsampled) with a long side of
+   ``max(thumbnail_size, mask_px_per_tile x tiles along the long side)``, at most ``max_mask_size``: at least
+   4 mask px per tile side, so that a big slide's mask is finer than one tile (issue #11 item 7). The level it
+   is decoded from (:func:`gigapath_core.kinds.thumbnail_level`) must hold at most ``max_decode_mpx``
+   megapixels, else the slide fails with ``PixelBudgetError`` before any pixel is decoded (issue #11 item 4: a
+   single-level 200,000 x 200,000 px TIFF would otherwise be decoded whole, ~1 h).
 2. Tissue mask: Otsu threshold on the HSV saturation after a median blur (default), or on luminance
    (``255 - mean(R, G, B)``, ``method: luminance``, as the Prov-GigaPath reference does); the threshold is
-   never below ``min_threshold`` so that a blank slide gives no tissue; optional hole filling; optional removal of
-   components smaller than ``min_area_um2``.
+   never below ``min_threshold`` so that a blank slide gives no tissue; optional hole filling; 8-connected
+   components smaller than ``min_area_um2`` (default 1,000 µm², see the Params) are removed, and with
+   ``fill_holes: false`` holes smaller than it are filled.
 3. Grid: ``tile_size`` px at ``target_mpp`` from the slide origin; only whole tiles inside the slide. A tile is
    kept when its *occupancy* (area fraction covered by the mask, integrated exactly over the fractional mask
    pixels it covers) is >= ``min_occupancy``. Kept tiles are listed row-major (grid row, then column).
+   With an annotation mask (:mod:`gigapath_core.masks`) the occupancy is the fraction of the tile inside
+   ``tissue ∩ region`` (``intersect``) or ``region`` (``replace``), computed exactly with shapely.
 4. Pixels: each tile is read from the coarsest pyramid level at or finer than ``target_mpp`` (never
    upsampled from a coarser level) as ``read_size`` px and resampled to ``tile_size`` with Lanczos
    (antialiased) — e.g. a 0.25-mpp scan without a 0.5-mpp level reads 512 px. When the level is within
@@ -20,16 +28,19 @@ from __future__ import annotations
 
 from typing import Literal
 
+import math
+
 import numpy as np
 from pydantic import Field
 
 from gigapath_core import hookimpl
-from gigapath_core.kinds import WSI, PluginParams, Tiler, TileGrid
+from gigapath_core.errors import PixelBudgetError
+from gigapath_core.kinds import WSI, PluginParams, Tiler, TileGrid, thumbnail_size
 from gigapath_core.units import MPP_RANGE, best_level_for_mpp, check_mpp, grid_index_to_grid_px, grid_index_to_level0
 
 
 def tissue_mask(thumb: np.ndarray, method: str = "saturation", median_size: int = 7, fill_holes: bool = True,
-                min_area_px: float = 0, min_threshold: float = 8.0) -> tuple[np.ndarray, float]:
+                min_area_px: float = 0, min_threshold: float = 8.0, pool: int = 1) -> tuple[np.ndarray, float]:
     """Otsu tissue mask of a thumbnail.
 
     Args:
@@ -37,7 +48,8 @@ def tissue_mask(thumb: np.ndarray, method: str = "saturation", median_size: int 
         method: ``saturation`` (HSV S channel, 0-255) or ``luminance`` (255 - mean RGB: dark is tissue).
         median_size: median-filter window (px, square) applied to the channel before thresholding; 1 = none.
         fill_holes: fill holes enclosed by tissue (scipy ``binary_fill_holes``).
-        min_area_px: remove 8-connected components with at most this many px.
+        min_area_px: remove 8-connected components with fewer px than this (:func:`remove_specks`, judged on the
+            mask max-pooled by ``pool``); without ``fill_holes``, also fill (4-connected) holes with fewer px.
         min_threshold: floor on the threshold (channel units 0-255): pixels at or below it are never tissue.
     Returns:
         ((h, w) bool mask, threshold used).
@@ -60,8 +72,74 @@ def tissue_mask(thumb: np.ndarray, method: str = "saturation", median_size: int 
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     if min_area_px > 0 and mask.any():
-        mask = morphology.remove_small_objects(mask, max_size=int(min_area_px), connectivity=2)
+        mask = remove_specks(mask, min_area_px, pool)
+        if not fill_holes:
+            limit = max(0, int(math.ceil(min_area_px)) - 1)  # fill sizes <= limit, i.e. < min_area_px
+            mask = morphology.remove_small_holes(mask, max_size=limit, connectivity=1)
     return mask, thr
+
+
+#: specks are judged on a grid of at least this many µm per px (finer masks are max-pooled to it first)
+SPECK_GRID_UM = 4.0
+
+
+def remove_specks(mask: np.ndarray, min_area_px: float, pool: int = 1) -> np.ndarray:
+    """Remove 8-connected tissue components of fewer than ``min_area_px`` mask px.
+
+    Components are found on the mask max-pooled by ``pool`` x ``pool`` (the tiler picks ``pool`` so that the
+    pooled grid is about ``SPECK_GRID_UM`` µm/px): at cell-scale mask resolutions (a small crop, < 4 µm/px)
+    the Otsu mask breaks tissue into hundreds of cell-sized pieces, which pooling joins into one component;
+    on whole slides (mask px >= 4 µm) ``pool`` is 1 and this is a plain connected-component filter. A
+    component's area is its count of *unpooled* tissue px.
+    """
+    from scipy import ndimage
+
+    pool = max(1, int(pool))
+    h, w = mask.shape
+    H, W = -(-h // pool), -(-w // pool)
+    padded = np.zeros((H * pool, W * pool), bool)
+    padded[:h, :w] = mask
+    pooled = padded.reshape(H, pool, W, pool).any(axis=(1, 3)) if pool > 1 else padded
+    labels, n = ndimage.label(pooled, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return mask
+    counts = padded.reshape(H, pool, W, pool).sum(axis=(1, 3)) if pool > 1 else padded.astype(np.int64)
+    area = np.bincount(labels.ravel(), weights=counts.ravel(), minlength=n + 1)
+    keep = area >= min_area_px
+    keep[0] = False
+    kept = keep[labels]
+    if pool > 1:
+        kept = np.repeat(np.repeat(kept, pool, 0), pool, 1)
+    return mask & kept[:h, :w]
+
+
+def mask_long_side(level0: tuple[int, int], side0: tuple[float, float], thumbnail_size: int, px_per_tile: int,
+                   max_size: int) -> int:
+    """Long side (px) of the mask thumbnail: ``thumbnail_size``, raised so that one tile spans at least
+    ``px_per_tile`` mask px, capped at ``max_size`` (and, by ``thumbnail_size()``, at the slide's own size).
+
+    Args:
+        level0: (w, h) level-0 px; side0: (w, h) of one tile in level-0 px.
+    """
+    tiles_long = max(level0[0] / side0[0], level0[1] / side0[1])
+    return int(min(max_size, max(thumbnail_size, math.ceil(px_per_tile * tiles_long))))
+
+
+def check_decode_budget(wsi: WSI, size: tuple[int, int], max_decode_mpx: float) -> tuple[int, int]:
+    """(level, pixels) a thumbnail of ``size`` decodes (``WSI.thumbnail_cost``); raises PixelBudgetError when
+    over ``max_decode_mpx``."""
+    dims = wsi.level_dimensions
+    level, px = wsi.thumbnail_cost(size)
+    w, h = dims[level]
+    if px > max_decode_mpx * 1e6:
+        pyramid = "its only level" if len(dims) == 1 else f"its smallest level big enough (level {level} of {len(dims)})"
+        shrunk = "" if px >= int(w) * int(h) else f" (after shrink-on-load: {px / 1e6:,.0f} Mpx)"
+        raise PixelBudgetError(
+            wsi.path, f"the {size[0]} x {size[1]} px mask thumbnail would decode {pyramid}, {w:,} x {h:,} px = "
+                      f"{int(w) * int(h) / 1e6:,.0f} Mpx{shrunk}, over the decode budget of {max_decode_mpx:,.0f} "
+                      "Mpx (tiler.params.max_decode_mpx); convert the file to a pyramidal TIFF (e.g. vips tiffsave "
+                      "IN OUT.tif --tile --pyramid --compression jpeg) or raise the budget")
+    return level, px
 
 
 def _integral_at(integral: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
@@ -111,11 +189,22 @@ class OtsuTiler(Tiler):
         tile_size: int = Field(256, ge=16, description="tile side in px at target_mpp")
         target_mpp: float = Field(0.5, gt=0, description="µm/px of the tiles (0.5 = 20x)")
         min_occupancy: float = Field(0.1, ge=0, le=1, description="keep tiles with tissue fraction >= this")
-        thumbnail_size: int = Field(1024, ge=64, description="long side of the mask thumbnail, px")
+        thumbnail_size: int = Field(1024, ge=64, description="least long side of the mask thumbnail, px")
+        mask_px_per_tile: int = Field(4, ge=1, description="least mask px per tile side: the mask thumbnail "
+                                                            "grows beyond thumbnail_size on big slides")
+        max_mask_size: int = Field(8192, ge=64, description="most long side of the mask thumbnail, px")
+        max_decode_mpx: float = Field(1024.0, gt=0, description="refuse a slide whose mask thumbnail would decode "
+                                                                "more than this many megapixels (no small enough "
+                                                                "pyramid level)")
         method: Literal["saturation", "luminance"] = Field("saturation", description="channel Otsu runs on")
         median_size: int = Field(7, ge=1, description="median blur window on the thumbnail, px (1 = none)")
         fill_holes: bool = Field(True, description="fill holes enclosed by tissue")
-        min_area_um2: float = Field(0.0, ge=0, description="drop tissue components smaller than this, µm²")
+        # 1,000 µm² (~32 x 32 µm, a few cells; 6% of a 128 x 128 µm tile, so below min_occupancy: such a speck
+        # can never keep a tile on its own). TRIDENT also drops small contours by default
+        # (trident/IO.py mask_to_gdf, min_contour_area=1000 px of its ~2,000-px-high mask); on the bundled
+        # CMU-1-Small-Region it removes 45 of 49 dust/debris polygons, all < 900 µm², and keeps the tissue.
+        min_area_um2: float = Field(1000.0, ge=0, description="drop tissue components (and, without fill_holes, "
+                                                              "fill holes) smaller than this, µm²")
         min_threshold: float = Field(8.0, ge=0, le=255, description="floor on the Otsu threshold (0-255)")
         mpp_range: tuple[float, float] = Field(MPP_RANGE, description="plausible level-0 mpp, µm/px")
         resample_tolerance: float = Field(0.01, ge=0, le=0.1,
@@ -125,27 +214,46 @@ class OtsuTiler(Tiler):
     def __init__(self, **params):
         self.p = self.Params(**params)
 
-    def tile(self, wsi: WSI, mpp=None) -> TileGrid:
+    def tile(self, wsi: WSI, mpp=None, annotations=None) -> TileGrid:
         """Tissue mask and tile grid of ``wsi`` (see the module docstring).
 
         Args:
             mpp: override of the level-0 (mpp_x, mpp_y) µm/px; None reads ``wsi.mpp``.
+            annotations: :class:`gigapath_core.masks.AnnotationMask` or None (see ``Tiler.tile``).
         Raises:
             MissingMppError, ImplausibleMppError: no usable mpp (checked before any pixel is read).
+            PixelBudgetError: the thumbnail would decode more than ``max_decode_mpx`` (checked before decoding).
             SlideReadError: the thumbnail cannot be decoded.
         """
+        from gigapath_core.masks import region_occupancy
+
         p = self.p
         override = mpp is not None
         mpp = check_mpp(wsi.path, mpp if override else wsi.mpp, mpp_range=p.mpp_range, target_mpp=p.target_mpp,
                         override=override)
         w0, h0 = wsi.level_dimensions[0]
-        thumb = wsi.thumbnail(p.thumbnail_size)
+        side0 = (p.tile_size * p.target_mpp / mpp[0], p.tile_size * p.target_mpp / mpp[1])
+        long_side = mask_long_side((w0, h0), side0, p.thumbnail_size, p.mask_px_per_tile, p.max_mask_size)
+        thumb_level, decode_px = check_decode_budget(wsi, thumbnail_size((w0, h0), long_side), p.max_decode_mpx)
+        thumb = wsi.thumbnail(long_side)
         ds = (w0 / thumb.shape[1], h0 / thumb.shape[0])  # level-0 px per mask px, x and y
         min_area_px = p.min_area_um2 / (ds[0] * mpp[0] * ds[1] * mpp[1])
-        mask, thr = tissue_mask(thumb, p.method, p.median_size, p.fill_holes, min_area_px, p.min_threshold)
-        side0 = (p.tile_size * p.target_mpp / mpp[0], p.tile_size * p.target_mpp / mpp[1])
+        pool = max(1, int(SPECK_GRID_UM // (ds[0] * mpp[0])))
+        mask, thr = tissue_mask(thumb, p.method, p.median_size, p.fill_holes, min_area_px, p.min_threshold, pool)
         n_cols, n_rows = int(w0 // side0[0]), int(h0 // side0[1])
         occ = occupancy_grid(mask, n_cols, n_rows, (side0[0] / ds[0], side0[1] / ds[1]))
+        mode = "none"
+        if annotations is not None:
+            mode = annotations.mode
+            if mode == "replace":  # only cells within the region's bounding box can be inside it
+                bx0, by0, bx1, by1 = annotations.region.bounds
+                near = np.zeros((n_rows, n_cols), bool)
+                near[max(0, int(by0 // side0[1])):int(by1 // side0[1]) + 1,
+                     max(0, int(bx0 // side0[0])):int(bx1 // side0[0]) + 1] = True
+                occ = region_occupancy(annotations.region, n_cols, n_rows, side0, near)
+            else:
+                occ = region_occupancy(annotations.region, n_cols, n_rows, side0, occ >= p.min_occupancy,
+                                       tissue=mask, mask_ds=ds, tissue_occ=occ)
         rows, cols = np.nonzero(occ >= p.min_occupancy)  # C-order scan: row-major
         index = np.stack([cols, rows], 1).astype(np.int64).reshape(-1, 2)
         level = best_level_for_mpp(wsi.level_downsamples, mpp[0], p.target_mpp)
@@ -159,6 +267,9 @@ class OtsuTiler(Tiler):
             info={"method": p.method, "otsu_threshold": thr, "grid_cols": n_cols, "grid_rows": n_rows,
                   "tissue_fraction": float(mask.mean()) if mask.size else 0.0, "min_occupancy": p.min_occupancy,
                   "mask_downsample_xy": [float(ds[0]), float(ds[1])], "tile_side_level0": [side0[0], side0[1]],
+                  "mask_px_per_tile": float(min(side0[0] / ds[0], side0[1] / ds[1])),
+                  "thumbnail_level": int(thumb_level), "thumbnail_decode_px": int(decode_px),
+                  "min_area_um2": p.min_area_um2, "mask_mode": mode,
                   "resampled": read_size != p.tile_size, "mpp_source": "override" if override else "metadata"},
         )
 
