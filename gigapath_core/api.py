@@ -98,7 +98,7 @@ def list_plugins(kind: str | None = None) -> list[dict[str, str]]:
 
 
 def list_presets(registry=()) -> list[dict[str, Any]]:
-    """Every preset as a model card: name, kinds, plugins, embed dims, weights, licence, citation."""
+    """Every preset as a model card: name, kinds, plugins, embed dims, weights, licence, gating, citation, source."""
     rows = []
     for name, p in load_registry(registry).items():
         rows.append(
@@ -107,6 +107,8 @@ def list_presets(registry=()) -> list[dict[str, Any]]:
                 "description": p.description,
                 "licence": p.licence,
                 "citation": p.citation,
+                "source": p.source,
+                "gated": p.gated,
                 "source_file": p.source_file,
                 "components": {k: getattr(p, k).model_dump() for k in p.kinds()},
             }

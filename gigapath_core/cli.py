@@ -57,6 +57,11 @@ def _plain(rows, cols) -> None:
 def cmd_presets(args) -> int:
     from .api import list_presets
 
+    if args.markdown:  # docs/zoo.md: every card as tables (dim, params, mpp, licence, gated, source)
+        from .zoo import presets_markdown
+
+        print(presets_markdown(), end="")
+        return 0
     rows = list_presets()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -156,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("presets", help="list presets (model cards) from the registry")
     pr.add_argument("--json", action="store_true")
+    pr.add_argument("--markdown", action="store_true", help="the model-zoo tables of docs/zoo.md")
     pr.set_defaults(func=cmd_presets)
 
     from .export import FORMATS

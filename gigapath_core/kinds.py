@@ -335,6 +335,14 @@ class TaskHead(Plugin, nn.Module, abc.ABC):
     ) -> torch.Tensor:
         """tile_tokens (B, N, D), slide_embed (B, D), tile_features (B, N, Din) -> logits (B, C) float32."""
 
+    def training_loss(self, task_loss: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The scalar to minimise, given the task's loss on this head's last forward and that batch's target.
+
+        The hook for heads with auxiliary objectives (CLAM's instance clustering adds its term here); the
+        default is the task loss itself. Called by the finetune runner in training only.
+        """
+        return task_loss
+
 
 class SSLObjective(Plugin, nn.Module, abc.ABC):
     """A self-supervised or contrastive training objective: model parts + loss (SPEC §2, §3, §5).

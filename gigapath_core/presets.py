@@ -39,13 +39,21 @@ class PresetComponent(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
     weights: list[str] = Field(default_factory=list, description="sources tried in order; 'random' allowed")
     embed_dim: int | None = None
+    params_count: int | None = Field(None, ge=0, description="parameters of the model as built (exact)")
+    mpp: float | None = Field(None, gt=0, description="µm/px of the tiles the model was trained on / expects")
+    embedding_rule: str = Field("", description="how the embedding is read out, e.g. 'CLS token'")
 
 
 class Preset(BaseModel):
+    """A model card. ``source`` lists where each number was read (URLs, repo paths); ``gated``: the weights
+    need an accepted licence / access request on the hub (None: not applicable or unknown)."""
+
     model_config = ConfigDict(extra="forbid")
     description: str = ""
     licence: str = ""
     citation: str = ""
+    source: str = ""
+    gated: bool | None = None
     source_file: str = ""
     slide_reader: PresetComponent | None = None
     tiler: PresetComponent | None = None

@@ -87,6 +87,10 @@ class SlideClassifier(nn.Module):
                 slide, tokens = self.slide_encoder(features, coords, padding_mask, return_tile_tokens=True)
         return self.head(tokens, padding_mask, slide_embed=slide, tile_features=features)
 
+    def training_loss(self, task_loss: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The head's :meth:`TaskHead.training_loss` (task loss plus any auxiliary term, e.g. CLAM's)."""
+        return self.head.training_loss(task_loss, target)
+
 
 def layer_ids(model: SlideClassifier) -> tuple[Callable[[str], int] | None, int | None]:
     """Layer ids for layer-wise lr decay (BEiT-style), found from parameter names.

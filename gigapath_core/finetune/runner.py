@@ -204,7 +204,8 @@ def run_fold(cfg: FinetuneConfig, data: FinetuneData, splits: Splits, fold: int,
 
     def step_fn(m, batch):
         feats, coords, target = (t.to(device, non_blocking=True) for t in batch)
-        return {"loss": task.loss(m(feats, coords), target)}
+        core = getattr(m, "module", m)  # DDP wraps the model; the head's loss hook lives on the inner one
+        return {"loss": core.training_loss(task.loss(m(feats, coords), target), target)}
 
     threads = torch.get_num_threads()
     torch.set_num_threads(cpu_threads(cfg.cpu_threads, model, device))
