@@ -107,6 +107,20 @@ def _rows_tiling(d: dict) -> list[list[str]]:
     return rows
 
 
+def _rows_tissue(d: dict) -> list[list[str]]:
+    rows = []
+    for s in d.get("slides", []):
+        load = _span(s["load_avg_1m"])
+        rows.append([f"tissue detection ({s['slide']})", "Otsu tiler: mask + grid",
+                     f"{s['mask_grid_s']:.2f} s", f"{s['bare_s']:.2f} s (thumbnail + threshold_otsu)",
+                     f"{s['ratio_mask_grid']:.2f}×", "≤ 1.2", None, load])
+        rows.append([f"tiling stage ({s['slide']})", f"mask + grid + tiles.h5 + QC (thumbnail.png "
+                     f"{s['qc_png_s']:.2f} s, tissue.geojson {s['qc_geojson_s']:.2f} s)",
+                     f"{s['run_tiling_s']:.2f} s", f"{s['bare_s']:.2f} s", f"{s['ratio_stage']:.2f}×", "—", None,
+                     load])
+    return rows
+
+
 def _rows_tile_encoder(d: dict) -> list[list[str]]:
     return [[f"tile encoder ({d['preset']})", f"embedding stage on {d['n_tiles']} tiles of {d['slide']}, "
              f"{d['num_workers']} workers", _fmt(d["stage_tiles_per_s"], " tiles/s"),
@@ -126,7 +140,7 @@ def _rows_executors(d: dict) -> list[list[str]]:
     return rows
 
 
-RENDER = {"input_path": _rows_input_path, "finetune_cache": _rows_finetune_cache, "tiling": _rows_tiling,
+RENDER = {"input_path": _rows_input_path, "finetune_cache": _rows_finetune_cache, "tiling": _rows_tiling, "tissue": _rows_tissue,
           "tile_encoder": _rows_tile_encoder, "executors": _rows_executors}
 
 
