@@ -69,7 +69,7 @@ def stage(path: str, tiler, out: Path) -> dict:
         t_grid = time.perf_counter()
         level0 = tuple(wsi.level_dimensions[0])
         png = st.qc_thumbnail(grid, level0)
-        st.write_png(out / "thumbnail.png", png)
+        st.write_png(out / "thumbnail.png", png, compress_level=1)  # as run_tiling does
         t_png = time.perf_counter()
         st.write_bytes(out / "tissue.geojson", json.dumps(st.tissue_geojson(grid, level0)).encode())
         t_geo = time.perf_counter()

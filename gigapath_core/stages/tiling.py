@@ -207,7 +207,8 @@ def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float]
     annotations = load_mask(mask, wsi.path, level0) if mask is not None else None
     grid = tiler.tile(wsi, mpp, annotations) if annotations is not None else tiler.tile(wsi, mpp)
     attrs = {**attrs, **(annotations.attrs() if annotations is not None else {"mask_path": "", "mask_mode": "none"})}
-    write_png(slide_dir / "thumbnail.png", qc_thumbnail(grid, level0, annotations))
+    # zlib level 1: half the time of the default on the slide's critical path, same pixels (benchmarks/tissue.py)
+    write_png(slide_dir / "thumbnail.png", qc_thumbnail(grid, level0, annotations), compress_level=1)
     write_bytes(slide_dir / "tissue.geojson", json.dumps(tissue_geojson(grid, level0)).encode())
     write_h5(
         slide_dir / TILES_FILE,
