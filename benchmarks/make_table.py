@@ -121,6 +121,19 @@ def _rows_tissue(d: dict) -> list[list[str]]:
     return rows
 
 
+def _rows_resample(d: dict) -> list[list[str]]:
+    t, e, sl = d["tiles_per_s"], d["embedding"], d["slide"]
+    what = (f"{sl['mpp']} µm/px slide, {d['read_size']} -> {d['tile_size']} px; area vs Lanczos: pixels "
+            f"{d['pixel_mean_abs_diff']:.2f} mean abs diff, {e['encoder']} embeddings max-abs "
+            f"{e['max_abs_diff']:.1g}, min cosine {e['min_cosine']:.8f}")
+    load = _span(d["load_avg_1m"])
+    return [["tile reads, 40× (resample: area)", what, _fmt(t["area"], " tiles/s"),
+             _fmt(t["bare"], " tiles/s (read + Lanczos)"), f"{d['ratio_area_vs_bare']:.2f}×", "≥ 1.5", None, load],
+            ["tile reads, 40× (resample: lanczos, default)", "same reads, pixels unchanged",
+             _fmt(t["lanczos"], " tiles/s"), _fmt(t["bare"], " tiles/s"), f"{d['ratio_lanczos_vs_bare']:.2f}×",
+             "—", None, load]]
+
+
 def _rows_tile_encoder(d: dict) -> list[list[str]]:
     return [[f"tile encoder ({d['preset']})", f"embedding stage on {d['n_tiles']} tiles of {d['slide']}, "
              f"{d['num_workers']} workers", _fmt(d["stage_tiles_per_s"], " tiles/s"),
@@ -140,7 +153,7 @@ def _rows_executors(d: dict) -> list[list[str]]:
     return rows
 
 
-RENDER = {"input_path": _rows_input_path, "finetune_cache": _rows_finetune_cache, "tiling": _rows_tiling, "tissue": _rows_tissue,
+RENDER = {"input_path": _rows_input_path, "finetune_cache": _rows_finetune_cache, "tiling": _rows_tiling, "tissue": _rows_tissue, "resample": _rows_resample,
           "tile_encoder": _rows_tile_encoder, "executors": _rows_executors}
 
 
