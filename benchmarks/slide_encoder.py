@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,6 +39,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from machine import machine_info  # noqa: E402
 MIB = 1024 * 1024
 
 
@@ -208,8 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result: dict = {
         "benchmark": "slide_encoder", "model": "longnet 12L-768d (gigapath_slide_enc12l768d), random weights",
-        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "platform": platform.platform(),
+        "machine": {**machine_info(),
                     "loadavg_at_start": os.getloadavg(),
                     "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "")},
         "note": "each row is a separate process; absolute seconds on a shared machine are noisy, compare ratios",

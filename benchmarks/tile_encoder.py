@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -35,6 +34,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = ["dinov2-vits14", "prov-gigapath", "ctranspath", "hipt", "remedis"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine_info  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -131,8 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         "stage_extra_cpu_fraction": round(statistics.median(stage_cpu) / statistics.median(bare_cpu) - 1, 4),
         "max_abs_diff_stage_vs_bare": max_diff,
         "flops_per_tile": {p: flops_per_tile(p) for p in PRESETS},
-        "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                    "platform": platform.platform(), "load_avg_1min": os.getloadavg()[0]},
+        "machine": {**machine_info(), "load_avg_1min": os.getloadavg()[0]},
         "note": "CPU, fp32, random weights; ratio of medians of interleaved runs in one process",
     }
     text = json.dumps(result, indent=2)

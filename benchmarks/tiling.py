@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -39,6 +38,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from machine import load_average, machine_info  # noqa: E402
 EXAMPLE = ROOT / "examples" / "data" / "CMU-1-Small-Region.svs"
 
 
@@ -155,8 +156,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.child, args.readers, args.max_tiles, args.rounds)))
         return 0
 
-    result = {"benchmark": "tiling", "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                                 "platform": platform.platform()},
+    result = {"benchmark": "tiling", "machine": machine_info(),
               "note": "ratio = gigapath TileDataset.read tiles/s / bare OpenSlide read_region tiles/s, same process, "
                       "same coordinates; each slide in a fresh process for its peak RSS",
               "params": {"size": args.size, "max_tiles": args.max_tiles, "rounds": args.rounds, "readers": args.readers},
@@ -177,6 +177,7 @@ def main(argv=None) -> int:
         "pixels_ratio": round(large["level_dimensions"][0][0] * large["level_dimensions"][0][1]
                               / (small["level_dimensions"][0][0] * small["level_dimensions"][0][1]), 1),
     }
+    result["machine"]["load_avg_at_end"] = load_average()
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

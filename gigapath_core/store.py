@@ -130,11 +130,13 @@ def read_dataset_attrs(path: str | Path) -> dict[str, dict[str, Any]]:
         return {k: {a: (v.decode() if isinstance(v, bytes) else v) for a, v in f[k].attrs.items()} for k in f.keys()}
 
 
-def write_png(path: str | Path, image: np.ndarray) -> None:
+def write_png(path: str | Path, image: np.ndarray, compress_level: int = 6) -> None:
+    """Atomically write (h, w[, c]) uint8 ``image`` as PNG; ``compress_level`` 0-9 (zlib; lossless at any level,
+    1 is ~2x faster to write than PIL's default 6 for ~5% more bytes)."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
+    Image.fromarray(image).save(buf, format="PNG", compress_level=compress_level)
     write_bytes(path, buf.getvalue())
 
 

@@ -109,3 +109,44 @@ def test_pipeline_writes_tile_order_and_records_random_weights(example_slide, tm
     np.testing.assert_array_equal(emb["coords"], tiles["coords"])
     assert attrs["weights_source"] == "random" and attrs["tile_encoder"] == "dinov2-vits14"
     assert "weights: random (not pretrained)" in caplog.text
+
+
+class _ThreadRecordingDataset(torch.utils.data.Dataset):
+    """Items (3, 2, 2) float32 of value i; records torch's thread count while each item is made."""
+
+    def __init__(self, n: int):
+        self.n, self.threads = n, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        self.threads.append(torch.get_num_threads())
+        return torch.full((3, 2, 2), float(i)), i, ""
+
+
+class _RecordingEncoder(torch.nn.Module):
+    embed_dim = 1
+
+    def __init__(self):
+        super().__init__()
+        self.threads = []
+
+    def forward(self, images):
+        self.threads.append(torch.get_num_threads())
+        return images.mean((1, 2, 3))[:, None]
+
+
+def test_in_process_tiles_are_made_on_one_thread_and_the_encoder_keeps_its_threads():
+    """num_workers 0: decoding/transforms run on 1 torch thread (benchmarks/input_path.py: 3-5x faster under
+    load), the encoder on the caller's count, which is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ds, enc = _ThreadRecordingDataset(10), _RecordingEncoder()
+        out = embed_tiles(enc, ds, batch_size=4, num_workers=0, device="cpu", precision="fp32")
+        np.testing.assert_array_equal(out[:, 0], np.arange(10, dtype=np.float32))
+        assert ds.threads == [1] * 10 and enc.threads == [2, 2, 2]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

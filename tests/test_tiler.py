@@ -308,3 +308,48 @@ def test_geojson_holes_are_interior_rings():
     # 40x40 mask px square at 10 level-0 px per mask px, from 100 to 500 (marching squares cuts corners)
     assert outer[:, 0].min() == pytest.approx(105, abs=5) and outer[:, 0].max() == pytest.approx(495, abs=5)
     assert hole[:, 0].min() == pytest.approx(255, abs=5) and hole[:, 0].max() == pytest.approx(345, abs=5)
+
+
+class _ArrayWSI:
+    """read_region over an in-memory (H, W, 3) uint8 image (level 0 only)."""
+
+    def __init__(self, img):
+        self.img = img
+
+    def read_region(self, location, level, size):
+        x, y = location
+        return self.img[y:y + size[1], x:x + size[0]].copy()
+
+
+def test_area_resample_is_the_block_mean_and_lanczos_stays_the_default():
+    from gigapath_core.kinds import Tiler
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (600, 600, 3), dtype=np.uint8)
+    wsi = _ArrayWSI(img)
+    area = build("tiler", "otsu", resample="area").read_tile(wsi, (8, 16), 0, 512, 256)
+    block_mean = img[16:528, 8:520].astype(np.float64).reshape(256, 2, 256, 2, 3).mean((1, 3))
+    assert area.shape == (256, 256, 3) and area.dtype == np.uint8
+    assert np.abs(area - block_mean).max() <= 0.5 + 1e-9  # rounded mean of each 2 x 2 block
+    lanczos = build("tiler", "otsu").read_tile(wsi, (8, 16), 0, 512, 256)
+    np.testing.assert_array_equal(lanczos, Tiler.read_tile(None, wsi, (8, 16), 0, 512, 256))
+    assert np.abs(lanczos.astype(float) - area).max() > 0  # the filters do differ
+    # not a whole factor: box filter; no resampling when read_size == tile_size
+    box = build("tiler", "otsu", resample="area").read_tile(wsi, (0, 0), 0, 565, 256)
+    assert box.shape == (256, 256, 3)
+    np.testing.assert_array_equal(build("tiler", "otsu", resample="area").read_tile(wsi, (0, 0), 0, 256, 256),
+                                  img[:256, :256])
+
+
+def test_default_resample_keeps_old_tiling_fingerprints(tmp_path):
+    from gigapath_core.config import load_pipeline_config
+    from gigapath_core.pipeline import fingerprints
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "x.svs").write_bytes(b"")
+    fps = []
+    for params in ({}, {"resample": "lanczos"}, {"resample": "area"}):
+        cfg, slides = load_pipeline_config({"inputs": {"slides": ["s/x.svs"]}, "tiler": {"name": "otsu",
+                                            "params": params}}, tmp_path, str(tmp_path / "out"))
+        fps.append(fingerprints(cfg, slides[0])["tiling"])
+    assert fps[0] == fps[1] != fps[2]

@@ -93,6 +93,7 @@ def run_ablation(raw: dict, base: Path, out: str | None, options: dict) -> int:
 def ablation(cfg: AblationConfig, variants: dict[str, FinetuneConfig]) -> dict[str, Any]:
     """Run every variant on shared folds and write the comparison. Returns the ablation.json content."""
     from .data import load_data
+    from .encoder_cache import FrozenEncoderCache
     from .runner import finetune, prepare_splits
 
     out = Path(cfg.output)
@@ -104,10 +105,12 @@ def ablation(cfg: AblationConfig, variants: dict[str, FinetuneConfig]) -> dict[s
         prepare_splits(lead, load_data(lead.data))
         shared = str(out / "splits.csv")
     summaries, notes = {}, {}
+    # one cache for every variant: a frozen encoder shared by variants runs once per slide (keys tell them apart)
+    cache = FrozenEncoderCache(max_bytes=int(max(v.encoder_cache_gb for v in variants.values()) * (1 << 30)))
     for i, (name, vcfg) in enumerate(variants.items()):
         console.rule(f"variant {i + 1}/{len(variants)}: {name}")
         vcfg = vcfg.model_copy(update={"folds": vcfg.folds.model_copy(update={"splits": shared})})
-        metrics = finetune(vcfg)
+        metrics = finetune(vcfg, encoder_cache=cache)
         summaries[name] = metrics["summary"]
         notes[name] = metrics["notes"]
     header, rows, tests = ablation_rows(summaries, cfg.reference, cfg.metrics)

@@ -103,12 +103,16 @@ class FinetuneConfig(Strict):
     cpu_threads: int | Literal["auto"] = Field(
         "auto", description="torch CPU threads while training on CPU; auto = 1 for models under 10 M parameters "
         "(their ops are too small to split, and thread hand-offs dominate), else torch's default")
+    encoder_cache_gb: float = Field(
+        4.0, ge=0, description="memory (GiB, CPU) for the outputs of a frozen slide encoder, computed once per "
+        "slide per run and reused by every epoch, fold and ablation variant; 0 = recompute every time")
     output: str | None = Field(None, description="output folder (or --out)")
     registry: list[str] = Field(default_factory=list, description="extra registry.yaml files")
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the results (not the output folder, device or progress bars)."""
         d = self.model_dump(exclude={"output": True, "plots": True, "cpu_threads": True,
+                                     "encoder_cache_gb": True,
                                      "train": {"device", "progress"}})
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

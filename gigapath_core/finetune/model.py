@@ -7,7 +7,6 @@ Without a slide encoder the head pools the tile embeddings directly (the "ABMIL 
 
 from __future__ import annotations
 
-import contextlib
 import re
 from typing import Callable
 
@@ -68,6 +67,20 @@ class SlideClassifier(nn.Module):
         if self.freeze_encoder:
             for p in slide_encoder.parameters():
                 p.requires_grad_(False)
+        self.encoder_cache = None
+        self._cache_fingerprint: str | None = None
+
+    def use_encoder_cache(self, cache) -> None:
+        """Reuse a frozen encoder's outputs from ``cache`` (a :class:`FrozenEncoderCache`) for calls with a
+        ``cache_key``. Call after the weights are loaded and the standardizer is fit: both are fingerprinted
+        now. Does nothing unless the encoder is frozen."""
+        from .encoder_cache import module_fingerprint
+
+        if not self.freeze_encoder or cache is None:
+            self.encoder_cache, self._cache_fingerprint = None, None
+            return
+        self.encoder_cache = cache
+        self._cache_fingerprint = module_fingerprint(self.slide_encoder, self.standardizer)
 
     def train(self, mode: bool = True) -> "SlideClassifier":
         super().train(mode)
@@ -76,16 +89,34 @@ class SlideClassifier(nn.Module):
         return self
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor,
-                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                padding_mask: torch.Tensor | None = None, cache_key: str | None = None) -> torch.Tensor:
+        """``cache_key``: identity of the whole slide in ``features`` (:func:`encoder_cache.slide_key`); with a
+        frozen encoder and an attached cache its outputs are looked up / stored under it. Leave None for
+        tile subsets."""
         if self.standardizer is not None:
             features = self.standardizer(features)
         if self.slide_encoder is None:
             tokens, slide = features, None
         else:
-            ctx = torch.no_grad() if self.freeze_encoder else contextlib.nullcontext()
-            with ctx:
-                slide, tokens = self.slide_encoder(features, coords, padding_mask, return_tile_tokens=True)
+            slide, tokens = self._encode(features, coords, padding_mask, cache_key)
         return self.head(tokens, padding_mask, slide_embed=slide, tile_features=features)
+
+    def _encode(self, features, coords, padding_mask, cache_key):
+        if not self.freeze_encoder:
+            return self.slide_encoder(features, coords, padding_mask, return_tile_tokens=True)
+        cache = self.encoder_cache if cache_key is not None and padding_mask is None else None
+        if cache is not None:
+            from .encoder_cache import numeric_context
+
+            key = (cache_key, self._cache_fingerprint, numeric_context(features.device))
+            hit = cache.get(key, features.device)
+            if hit is not None:
+                return hit
+        with torch.no_grad():
+            slide, tokens = self.slide_encoder(features, coords, padding_mask, return_tile_tokens=True)
+        if cache is not None:
+            cache.put(key, slide, tokens)
+        return slide, tokens
 
     def training_loss(self, task_loss: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The head's :meth:`TaskHead.training_loss` (task loss plus any auxiliary term, e.g. CLAM's)."""

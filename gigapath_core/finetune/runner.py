@@ -33,7 +33,8 @@ from ..progress import console
 from ..report import try_write_run_report
 from ..store import read_status, write_bytes, write_json, write_status
 from .config import FinetuneConfig, load_finetune_config
-from .data import FinetuneData, load_data, load_slide
+from .data import FinetuneData, SlideRecord, load_data, load_slide
+from .encoder_cache import FrozenEncoderCache, slide_key
 from .model import SlideClassifier, layer_ids
 
 log = logging.getLogger("gigapath")
@@ -117,12 +118,20 @@ def build_model(cfg: FinetuneConfig, data: FinetuneData) -> SlideClassifier:
                            standardize_dim=data.tile_dim if cfg.model.standardize_features else None)
 
 
+def whole_slide_key(record: SlideRecord, max_tiles: int | None) -> str | None:
+    """The encoder-cache key of ``record`` if a load with ``max_tiles`` gives the whole slide, else None."""
+    if max_tiles is not None and record.n_tiles > max_tiles:
+        return None
+    return slide_key(record.path, record.read_options)
+
+
 def _check_forward(model: SlideClassifier, cfg: FinetuneConfig, data: FinetuneData, slide_id: str) -> None:
     """One forward pass before training, so a head/encoder mismatch is a config error, not a crash mid-run."""
-    feats, coords = load_slide(data.slides[slide_id], max_tiles=64, rng=np.random.default_rng(0))
+    rec = data.slides[slide_id]
+    feats, coords = load_slide(rec, max_tiles=64, rng=np.random.default_rng(0))
     try:
         with torch.no_grad():
-            logits = model.eval()(feats, coords)
+            logits = model.eval()(feats, coords, cache_key=whole_slide_key(rec, 64))
     except (ValueError, RuntimeError) as err:
         raise ConfigError("model", f"the model cannot run on {slide_id}: {str(err).splitlines()[0]}") from None
     if tuple(logits.shape) != (1, data.task.num_outputs):
@@ -139,9 +148,10 @@ def predict(model: SlideClassifier, data: FinetuneData, slide_ids: list[str], de
     model.eval()
     out = np.zeros((len(slide_ids), data.task.num_outputs), dtype=np.float64)
     for i, sid in enumerate(slide_ids):
-        feats, coords = load_slide(data.slides[sid])
+        rec = data.slides[sid]
+        feats, coords = load_slide(rec)
         with autocast_context(device, precision):
-            logits = model(feats.to(device), coords.to(device))
+            logits = model(feats.to(device), coords.to(device), cache_key=whole_slide_key(rec, None))
         out[i] = data.task.probs(logits)[0]
     return out
 
@@ -160,8 +170,12 @@ def cpu_threads(setting: int | str, model: torch.nn.Module, device: torch.device
     return torch.get_num_threads()
 
 
-def run_fold(cfg: FinetuneConfig, data: FinetuneData, splits: Splits, fold: int, fingerprint: str) -> dict[str, Any]:
-    """Train and evaluate one fold (or reuse its finished outputs). Returns its rows and model provenance."""
+def run_fold(cfg: FinetuneConfig, data: FinetuneData, splits: Splits, fold: int, fingerprint: str,
+             encoder_cache: FrozenEncoderCache | None = None) -> dict[str, Any]:
+    """Train and evaluate one fold (or reuse its finished outputs). Returns its rows and model provenance.
+
+    ``encoder_cache``: where a frozen slide encoder's whole-slide outputs are kept for the run (None: none kept).
+    """
     from ..training import Trainer, seed_everything
 
     fold_dir = Path(cfg.output) / f"fold_{fold}"
@@ -184,6 +198,7 @@ def run_fold(cfg: FinetuneConfig, data: FinetuneData, splits: Splits, fold: int,
     model = build_model(cfg, data)
     if model.standardizer is not None:
         model.standardizer.fit(load_slide(data.slides[s])[0][0] for s in train_ids)
+    model.use_encoder_cache(encoder_cache)  # after the weights and the standardizer are final
     _check_forward(model, cfg, data, train_ids[0])
     layer_id, num_layers = layer_ids(model)
     tcfg = cfg.train.trainer_config(seed, len(train_ids))
@@ -195,7 +210,7 @@ def run_fold(cfg: FinetuneConfig, data: FinetuneData, splits: Splits, fold: int,
         (seed, fold, epoch, i) — the same on any number of ranks and after a resume."""
         rec = data.slides[train_ids[j]]
         feats, coords = load_slide(rec, cfg.data.max_tiles, np.random.default_rng([cfg.train.seed, fold, epoch, i]))
-        return feats, coords, task.target_tensor(rec.target)
+        return feats, coords, task.target_tensor(rec.target), whole_slide_key(rec, cfg.data.max_tiles)
 
     def batches(epoch: int):
         order = np.random.default_rng([cfg.train.seed, fold, epoch]).permutation(len(train_ids))
@@ -203,9 +218,10 @@ def run_fold(cfg: FinetuneConfig, data: FinetuneData, splits: Splits, fold: int,
         return (functools.partial(load, epoch, i, int(j)) for i, j in enumerate(order))
 
     def step_fn(m, batch):
-        feats, coords, target = (t.to(device, non_blocking=True) for t in batch)
+        *tensors, key = batch
+        feats, coords, target = (t.to(device, non_blocking=True) for t in tensors)
         core = getattr(m, "module", m)  # DDP wraps the model; the head's loss hook lives on the inner one
-        return {"loss": core.training_loss(task.loss(m(feats, coords), target), target)}
+        return {"loss": core.training_loss(task.loss(m(feats, coords, cache_key=key), target), target)}
 
     threads = torch.get_num_threads()
     torch.set_num_threads(cpu_threads(cfg.cpu_threads, model, device))
@@ -238,8 +254,12 @@ def run_fold(cfg: FinetuneConfig, data: FinetuneData, splits: Splits, fold: int,
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Run every fold of a validated config and write the reports. Returns the metrics.json content."""
+def finetune(cfg: FinetuneConfig, encoder_cache: FrozenEncoderCache | None = None) -> dict[str, Any]:
+    """Run every fold of a validated config and write the reports. Returns the metrics.json content.
+
+    ``encoder_cache``: a frozen slide encoder's outputs shared with other runs (the ablation passes one to all
+    its variants); by default a new one of ``cfg.encoder_cache_gb``.
+    """
     from .report import announce_provenance, write_report
 
     out = Path(cfg.output)
@@ -254,7 +274,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     sizes = fold_sizes(splits)
     console.print(f"{len(data.slides)} slides of {len({r.patient_id for r in data.slides.values()})} patients, "
                   f"task {data.task.type} {list(data.task.class_names)}, {splits.k} folds")
-    results = [run_fold(cfg, data, splits, f, fingerprint) for f in range(splits.k)]
+    if encoder_cache is None:
+        encoder_cache = FrozenEncoderCache(max_bytes=int(cfg.encoder_cache_gb * (1 << 30)))
+    results = [run_fold(cfg, data, splits, f, fingerprint, encoder_cache) for f in range(splits.k)]
+    if encoder_cache.hits:
+        log.info("frozen slide encoder: %d outputs reused, %d computed (%d slides, %.1f MiB cached)",
+                 encoder_cache.hits, encoder_cache.misses, len(encoder_cache), encoder_cache.nbytes / 2**20)
     metrics = write_report(cfg, data, splits, sizes, results, fingerprint)
     try_write_run_report(out)  # OUT/report.html
     return metrics

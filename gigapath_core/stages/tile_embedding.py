@@ -126,6 +126,28 @@ def use_channels_last(encoder: torch.nn.Module) -> bool:
     return bool(getattr(encoder, "channels_last", False))
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch intra-op threads, then restore the previous count."""
+    old = torch.get_num_threads()
+    if old == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _next_batch(batches, in_process: bool):
+    """The loader's next batch, or None at the end. Read in the main process (``num_workers: 0``), tiles are
+    decoded and transformed on one torch thread, as in a reader worker: these ops are too small to split, and
+    on a busy machine intra-op thread hand-offs made the stage 3-5x slower (``benchmarks/input_path.py``)."""
+    with torch_threads(1) if in_process else contextlib.nullcontext():
+        return next(batches, None)
+
+
 #: default of ``tile_encoder.batch_timeout_s``: longest wait for one batch from the reader workers
 BATCH_TIMEOUT_S = 600.0
 
@@ -188,7 +210,8 @@ def embed_tiles(encoder: TileEncoder, dataset: Dataset, *, batch_size: int = 32,
         with Watchdog(f"tile embedding of {slide_path}", batch_timeout_s,
                       f"{workers} reader worker(s), reader {reader!r}" if workers else f"reader {reader!r}") as dog, \
                 autocast_context(device, precision):
-            for images, idx, errors in batches:
+            while (batch := _next_batch(batches, in_process=not workers)) is not None:
+                images, idx, errors = batch
                 if errors:
                     i, e = errors[0]
                     coords = getattr(dataset, "coords", None)

