@@ -213,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except GigapathError as err:
-        print(f"gigapath: error: {err}", file=sys.stderr)
+        from .errors import ConfigErrors
+
+        for one in err.errors if isinstance(err, ConfigErrors) else [err]:  # several config errors: one line each
+            print(f"gigapath: error: {one}", file=sys.stderr)
         return 2
     except OSError as err:  # a filesystem error outside any slide (the slides' own are recorded per slide)
         if args.verbose:

@@ -45,7 +45,10 @@ def run(config: str | Path | dict, out: str | None = None, sets: list[str] = (),
     raw = apply_overrides(raw, list(sets))
     job = raw.get("job", "embed")
     if job not in JOBS:
-        raise ConfigError("job", f"unknown job {job!r}; valid choices: {', '.join(sorted(JOBS))}")
+        from .suggest import did_you_mean
+
+        raise ConfigError("job", f"unknown job {job!r}; valid choices: {', '.join(sorted(JOBS))}"
+                                 f"{did_you_mean(str(job), JOBS)}")
     module, func = JOBS[job].split(":")
     return getattr(importlib.import_module(module), func)(raw, base, out, options)
 

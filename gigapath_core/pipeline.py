@@ -125,6 +125,7 @@ def get_models(cfg: PipelineConfig) -> Models:
     Raises ConfigError if the tile encoder's width does not match the slide encoder's input width.
     """
     from .api import build
+    from .widths import fill_input_width, width_param
 
     key = json.dumps([cfg.tiler.model_dump(), _stage_dump(cfg.tile_encoder), _stage_dump(cfg.slide_encoder),
                       cfg.device, cfg.registry], sort_keys=True, default=str)
@@ -140,12 +141,18 @@ def get_models(cfg: PipelineConfig) -> Models:
                 te = build("tile_encoder", cfg.tile_encoder.name, weights=cfg.tile_encoder.weights,
                            registry=cfg.registry, **cfg.tile_encoder.params).to(device)
             if cfg.slide_encoder:
+                # the input width from the tile encoder (done by load_pipeline_config already; API callers)
+                se_params = fill_input_width(cfg.slide_encoder.name, cfg.slide_encoder.params,
+                                             te.embed_dim if te is not None else None, registry=cfg.registry,
+                                             weights=cfg.slide_encoder.weights)
                 se = build("slide_encoder", cfg.slide_encoder.name, weights=cfg.slide_encoder.weights,
-                           registry=cfg.registry, **cfg.slide_encoder.params).to(device)
+                           registry=cfg.registry, **se_params).to(device)
             if te is not None and se is not None and te.embed_dim != se.in_dim:
+                key = width_param(cfg.slide_encoder.name, cfg.registry)
+                hint = f" (set its {key} to {te.embed_dim}, or leave it out)" if key else ""
                 raise ConfigError("slide_encoder.params",
                                   f"the tile encoder gives {te.embed_dim}-d embeddings but the slide encoder "
-                                  f"{cfg.slide_encoder.name!r} takes {se.in_dim}-d (set its in_chans to {te.embed_dim})")
+                                  f"{cfg.slide_encoder.name!r} takes {se.in_dim}-d{hint}")
         _MODELS.clear()  # one config per process at a time; free the previous models
         _MODELS[key] = Models(tiler, te, se, device)
     return _MODELS[key]

@@ -51,6 +51,28 @@ def build_objective(stage, registry=(), seed: int | None = None):
     return build("ssl_objective", stage.name, registry=registry, **stage.params)
 
 
+def fill_objective_width(stage, slides: dict[str, dict], registry=()) -> None:
+    """Fill ``objective.params.slide_encoder_params``' input width (:func:`gigapath_core.widths.fill_input_width`)
+    from the tile embeddings ``slides`` when every slide has the same width (else left to the objective's
+    own check). Raises ConfigError if a given width disagrees. ``stage`` is changed in place."""
+    from ..api import resolve
+    from ..widths import fill_input_width
+
+    dims = {int(v["features"].shape[1]) for v in slides.values()}
+    info, card = resolve("ssl_objective", stage.name, registry)
+    fields = info.cls.Params.model_fields
+    if len(dims) != 1 or "slide_encoder" not in fields or "slide_encoder_params" not in fields:
+        return
+    merged = {**(card.params if card else {}), **stage.params}
+    name = merged.get("slide_encoder", fields["slide_encoder"].default)
+    weights = merged.get("slide_encoder_weights", fields["slide_encoder_weights"].default
+                         if "slide_encoder_weights" in fields else None)
+    params = fill_input_width(name, merged.get("slide_encoder_params"), dims.pop(), registry=registry,
+                              weights=weights, key_path="objective.params.slide_encoder",
+                              source="the tile embeddings")
+    stage.params = {**stage.params, "slide_encoder_params": params}
+
+
 def _check_data(objective, job: str, data: str) -> None:
     """Raise ConfigError if the objective trains on another kind of data than the job provides."""
     if getattr(objective, "data", None) != data:
@@ -148,6 +170,7 @@ def run_mae_slide(raw: dict, base: Path, out: str | None, options: dict) -> int:
     """Masked-autoencoder pretraining of a slide encoder on tile embeddings."""
     cfg = load_job_config(raw, base, out)
     slides = resolve_embeddings(cfg.embeddings, base, cfg.output)
+    fill_objective_width(cfg.objective, slides, cfg.registry)
     objective = build_objective(cfg.objective, cfg.registry, cfg.train.seed)
     _check_data(objective, "mae_slide", "slides")
     dims = {v["features"].shape[1] for v in slides.values()}
@@ -193,6 +216,7 @@ def run_clip(raw: dict, base: Path, out: str | None, options: dict) -> int:
     train_pairs, held = _holdout(pairs, cfg.holdout_fraction, cfg.train.seed)
     if len(train_pairs) < 2:
         raise ConfigError("pairs", f"contrastive training needs >= 2 training pairs, got {len(train_pairs)}")
+    fill_objective_width(cfg.objective, slides, cfg.registry)
     objective = build_objective(cfg.objective, cfg.registry, cfg.train.seed)
     _check_data(objective, "clip", "pairs")
     console.print(
