@@ -118,7 +118,8 @@ class PipelineConfig(Strict):
     tiler: StageConfig = Field(default_factory=lambda: StageConfig(name="otsu"))
     tile_encoder: TileEncoderStage | None = None
     slide_encoder: SlideEncoderStage | None = None
-    save_tile_png: bool = Field(False, description="also write each tile as PNG under <slide>/tiles/")
+    save_tile_png: bool = Field(False, description="also write each tile as PNG under <slide>/tiles/ (the tiles "
+                                "the tile encoder reads: needs a tile_encoder stage)")
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     @field_validator("device")
@@ -530,6 +531,9 @@ def load_pipeline_config(raw: dict, base: Path, out: str | None = None) -> tuple
     elif cfg.slide_encoder is not None and cfg.tile_encoder is None:
         problems.append(ConfigError("slide_encoder", "needs a tile_encoder stage (or tile features given with "
                                                      "inputs.features)"))
+    if cfg.save_tile_png and cfg.tile_encoder is None:  # the PNGs are written while the tile encoder reads them
+        problems.append(ConfigError("save_tile_png", "writes the tiles the tile encoder reads, and this config has "
+                                    "no tile_encoder stage: add one, or remove save_tile_png"))
     if problems:
         raise ConfigErrors.of(problems)
     _resolve_weights(cfg, base)

@@ -13,6 +13,7 @@ Outputs (``OUT`` = the job's output folder)::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -250,21 +251,49 @@ def run_zeroshot(raw: dict, base: Path, out: str | None, options: dict) -> int:
     if not spec_file.is_file() or ckpt is None:
         raise ConfigError("clip", f"{clip_dir} is not a trained clip output ({OBJECTIVE_FILE} + checkpoints/ needed)")
     spec = json.loads(spec_file.read_text())
-    objective = build_objective(StageConfig(name=spec["name"], params=spec["params"]), spec.get("registry", []))
+    with _no_random_weights_warning():  # the trained checkpoint replaces every weight just below
+        objective = build_objective(StageConfig(name=spec["name"], params=spec["params"]), spec.get("registry", []))
     _check_data(objective, "zeroshot", "pairs")
     from safetensors.torch import load_model
 
     load_model(objective, str(ckpt / "model.safetensors"), strict=True)
+    for tower in ("slide_encoder", "text_encoder"):
+        if hasattr(getattr(objective, tower, None), "weights_source"):
+            getattr(objective, tower).weights_source = f"clip checkpoint {ckpt}"
     objective.to(resolve_device(cfg.device))
     slides = resolve_embeddings(cfg.embeddings, base, cfg.output)
     rows = load_pairs(cfg.labels, slides, None, require_text=False)
-    console.print(f"zeroshot: {len(rows)} labelled slide(s), checkpoint {ckpt}")
-    evaluate_zero_shot(objective, rows, cfg.zeroshot, Path(cfg.output))
+    console.print(f"zeroshot: {_count(rows)} labelled, weights: trained clip checkpoint {ckpt}")
+    evaluate_zero_shot(objective, rows, cfg.zeroshot, Path(cfg.output), checkpoint=ckpt)
     return 0
 
 
-def evaluate_zero_shot(objective, rows: list[dict], zcfg, out: Path) -> dict:
-    """MI-Zero evaluation of a CLIP objective on labelled rows; writes zeroshot.json / zeroshot_probs.csv."""
+def _count(rows: list[dict]) -> str:
+    """``"7 pairs from 3 slides"`` (several rows of a slide: regions or reports), or ``"3 slides"``."""
+    n_slides = len({r["slide_id"] for r in rows})
+    return f"{n_slides} slides" if n_slides == len(rows) else f"{len(rows)} pairs from {n_slides} slides"
+
+
+@contextlib.contextmanager
+def _no_random_weights_warning():
+    """Drop the "weights: random (not pretrained)" warnings of models whose weights are loaded right after."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "weights: random (not pretrained)" not in record.getMessage()
+
+    target = logging.getLogger("gigapath")
+    target.addFilter(keep)
+    try:
+        yield
+    finally:
+        target.removeFilter(keep)
+
+
+def evaluate_zero_shot(objective, rows: list[dict], zcfg, out: Path, checkpoint: Path | None = None) -> dict:
+    """MI-Zero evaluation of a CLIP objective on labelled rows; writes zeroshot.json / zeroshot_probs.csv.
+
+    ``checkpoint``: the checkpoint folder the objective's weights came from, recorded in ``zeroshot.json``
+    (``checkpoint``); None records the clip run's own last checkpoint under ``out`` if there is one."""
     from ..zeroshot import DEFAULT_TEMPLATES, mutation_classes, zero_shot
 
     classes = zcfg.classes or mutation_classes(zcfg.mutation.gene, zcfg.mutation.cancer, zcfg.mutation.labels)
@@ -293,8 +322,14 @@ def evaluate_zero_shot(objective, rows: list[dict], zcfg, out: Path) -> dict:
         scale,
         zcfg.average,
     )
+    if checkpoint is None:
+        from ..training import latest_checkpoint
+
+        checkpoint = latest_checkpoint(out)
     summary = {
-        "n_slides": len(rows),
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "n_slides": len({r["slide_id"] for r in rows}),
+        "n_rows": len(rows),
         "n_prompt_sets": zcfg.n_prompt_sets,
         "classes": res.labels,
         "logit_scale": scale,
@@ -310,7 +345,7 @@ def evaluate_zero_shot(objective, rows: list[dict], zcfg, out: Path) -> dict:
         region = "" if r["region"] is None else " ".join(f"{v:g}" for v in r["region"])
         w.writerow([r["slide_id"], region, r["label"], res.labels[int(p.argmax())], *[f"{v:.6f}" for v in p]])
     write_bytes(out / "zeroshot_probs.csv", buf.getvalue().encode())
-    console.print(f"zero-shot ({zcfg.n_prompt_sets} prompt sets, {len(rows)} slides, classes {', '.join(res.labels)}):")
+    console.print(f"zero-shot ({zcfg.n_prompt_sets} prompt sets, {_count(rows)}, classes {', '.join(res.labels)}):")
     for m, v in res.summary.items():
         console.print(f"  {m:9s} {v['mean']:.3f} ± {v['sem']:.3f} (s.e.m.)")
     console.print(f"-> {out / 'zeroshot.json'}, {out / 'zeroshot_probs.csv'}")
