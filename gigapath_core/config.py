@@ -519,6 +519,8 @@ def load_pipeline_config(raw: dict, base: Path, out: str | None = None) -> tuple
                 validate_stage(kind, stage.name, stage.params, cfg.registry, kind)
             except ConfigError as err:
                 problems.append(err)
+    if cfg.slide_encoder is not None and not cfg.inputs.features:
+        problems += _stride_problems(cfg)
     if cfg.inputs.features:
         if cfg.inputs.slides or cfg.inputs.manifest:
             problems.append(ConfigError("inputs.features", "give either slides (inputs.slides / inputs.manifest) "
@@ -543,6 +545,24 @@ def load_pipeline_config(raw: dict, base: Path, out: str | None = None) -> tuple
         validate_stage("slide_encoder", cfg.slide_encoder.name, cfg.slide_encoder.params, cfg.registry,
                        "slide_encoder")
     return cfg, slides
+
+
+def _stride_problems(cfg: PipelineConfig) -> list[ConfigError]:
+    """A tiler ``stride`` other than its ``tile_size`` (overlapping or spaced tiles) with a slide encoder: the
+    slide encoders take positions on a grid of ``tile_size`` cells (LongNet's 2-D sin-cos grid, SPEC §3), where
+    overlapping tiles have no cell of their own; snapping them would put two tiles in one cell. Refused."""
+    from .api import validate_params
+
+    try:
+        params = validate_params("tiler", cfg.tiler.name, cfg.tiler.params, cfg.registry, "tiler")[1]
+    except ConfigError:
+        return []  # reported by the tiler's own check
+    stride, size = getattr(params, "stride", None), getattr(params, "tile_size", None)
+    if stride is None or size is None or stride == size:
+        return []
+    return [ConfigError("tiler.params.stride", f"{stride} px (tile_size {size}) gives tiles off the slide encoder's "
+                        f"{size}-px position grid; with a slide_encoder keep stride = tile_size, or remove the "
+                        f"slide_encoder stage to embed overlapping tiles (docs/slides.md)")]
 
 
 def _fill_slide_encoder_width(cfg: PipelineConfig, slides: list[SlideInput]) -> None:

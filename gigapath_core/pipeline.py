@@ -177,10 +177,20 @@ def process_slide(cfg: PipelineConfig, slide: SlideInput, on_tiles: Callable[[in
         on_tiles: progress callback ``(done, total)`` during tile embedding.
     Returns:
         The manifest row (see :data:`gigapath_core.store.MANIFEST_FIELDS`); ``status`` is ``ok``,
-        ``failed`` (with ``reason`` and ``error_type``), ``skipped`` (done by an earlier run) or ``locked``
-        (another live run holds the slide's lock, :class:`gigapath_core.executors.SlideLock`; nothing written).
+        ``failed`` (with ``reason`` and ``error_type``) or ``locked`` (another live run holds the slide's
+        lock, :class:`gigapath_core.executors.SlideLock`; nothing written). ``this_run`` says what this call
+        did: ``processed``, ``failed``, ``locked``, or ``skipped`` (finished by an earlier run: the row is then
+        that run's, with its status, reason, reader, n_tiles, weights and timings).
     Raises:
         ConfigError: a problem with the config (affects every slide).
+    """
+    row = _process_slide(cfg, slide, on_tiles)
+    row.setdefault("this_run", "processed" if row.get("status") == "ok" else row.get("status", ""))
+    return row
+
+
+def _process_slide(cfg: PipelineConfig, slide: SlideInput, on_tiles: Callable[[int, int], None] | None) -> dict:
+    """:func:`process_slide` without ``this_run`` (except on skipped rows).
 
     Every filesystem action on the slide (reading its file, the lock, clearing old outputs, the outputs, the
     marker) is inside this failure boundary: its error fails this slide only, with the action named
@@ -269,14 +279,14 @@ def _failed_row(slide: SlideInput, reason: str, error_type: str) -> dict:
 
 
 def _done_row(slide_dir: Path, final_fp: str, identity: dict) -> tuple[dict | None, str | None]:
-    """``(skipped row, None)`` if the slide's marker says ``ok`` for this config, this slide file and outputs
+    """``(the marker's row with this_run: skipped, None)`` if the slide's marker says ``ok`` for this config, this slide file and outputs
     that are still there; else ``(None, why an ok marker no longer holds or None)``."""
     previous = read_status(slide_dir)
     if not previous or previous.get("status") != "ok":
         return None, None
     why = stale_reason(previous, identity, slide_dir)
     if why is None and previous.get("fingerprint") == final_fp:
-        return {**previous, "status": "skipped", "reason": "done by an earlier run"}, None
+        return {**previous, "this_run": "skipped"}, None
     return None, why
 
 
