@@ -512,7 +512,7 @@ def load_pipeline_config(raw: dict, base: Path, out: str | None = None) -> tuple
         if r not in readers:
             problems.append(ConfigError(f"readers[{i}]", f"unknown slide reader {r!r}; valid choices: "
                                                          f"{', '.join(readers)}{did_you_mean(r, readers)}"))
-    stages = [("tiler", cfg.tiler), ("tile_encoder", cfg.tile_encoder)]
+    stages = [("tiler", cfg.tiler), ("tile_encoder", cfg.tile_encoder), ("slide_encoder", cfg.slide_encoder)]
     for kind, stage in stages:
         if stage is not None:
             try:
@@ -540,10 +540,8 @@ def load_pipeline_config(raw: dict, base: Path, out: str | None = None) -> tuple
         raise ConfigErrors.of(problems)
     _resolve_weights(cfg, base)
     slides = collect_slides(cfg.inputs, base, cfg.output)
-    if cfg.slide_encoder is not None:
+    if cfg.slide_encoder is not None:  # its name and the given params were checked above
         _fill_slide_encoder_width(cfg, slides)
-        validate_stage("slide_encoder", cfg.slide_encoder.name, cfg.slide_encoder.params, cfg.registry,
-                       "slide_encoder")
     return cfg, slides
 
 
@@ -567,11 +565,9 @@ def _stride_problems(cfg: PipelineConfig) -> list[ConfigError]:
 
 def _fill_slide_encoder_width(cfg: PipelineConfig, slides: list[SlideInput]) -> None:
     """Set the slide encoder's input width from the tile encoder (or the features) in ``cfg`` (in place)."""
-    from .api import resolve
     from .widths import fill_input_width, tile_encoder_width
 
     se = cfg.slide_encoder
-    resolve("slide_encoder", se.name, cfg.registry)  # an unknown name: the error names slide_encoder.name
     if cfg.tile_encoder is not None:
         width = tile_encoder_width(cfg.tile_encoder.name, cfg.tile_encoder.params, cfg.registry)
         source = f"the tile encoder {cfg.tile_encoder.name!r}"
