@@ -11,6 +11,7 @@ fails alone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -306,6 +307,21 @@ def clear_partial_outputs(slide_dir: Path) -> None:
     (slide_dir / STATUS_FILE).unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _stage_failures(row: dict, slide: SlideInput) -> Iterator[None]:
+    """Record a failure of this slide's stages in ``row`` (``reason``, ``error_type``) and go on; a ConfigError
+    affects every slide and propagates. An unexpected error keeps its traceback in the debug log."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except GigapathError as err:
+        row.update(reason=str(err), error_type=type(err).__name__)
+    except Exception as err:
+        log.debug("slide %s failed:\n%s", slide.slide_id, traceback.format_exc())
+        row.update(reason=f"{slide.path}: unexpected {type(err).__name__}: {err}", error_type=type(err).__name__)
+
+
 def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dict[str, str], t_start: float,
                 on_tiles: Callable[[int, int], None] | None) -> dict:
     final_fp = fp["slide_encoder"]
@@ -316,7 +332,7 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
     common = {"slide_id": slide.slide_id, "slide_path": slide.path, "gigapath_version": __version__}
     if cfg.inputs.features:
         return _run_on_features(cfg, slide, slide_dir, fp, t_start, row, models, common)
-    try:
+    with _stage_failures(row, slide):
         t0 = time.perf_counter()
         with open_slide(slide.path, cfg.readers) as wsi:
             row["reader"] = wsi.reader
@@ -371,13 +387,6 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
                                 device=models.device, precision=cfg.slide_encoder.precision)
             row["seconds_slide_encoder"] = round(time.perf_counter() - t0, 3)
         row["status"] = "ok"
-    except ConfigError:
-        raise
-    except GigapathError as err:
-        row.update(reason=str(err), error_type=type(err).__name__)
-    except Exception as err:  # an unexpected failure fails this slide only; keep the traceback in the log
-        log.debug("slide %s failed:\n%s", slide.slide_id, traceback.format_exc())
-        row.update(reason=f"{slide.path}: unexpected {type(err).__name__}: {err}", error_type=type(err).__name__)
     row["seconds_total"] = round(time.perf_counter() - t_start, 3)
     return row
 
@@ -385,11 +394,11 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
 def _run_on_features(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dict[str, str], t_start: float,
                      row: dict, models: Models, common: dict) -> dict:
     """``inputs.features``: slide-encode an existing tile-feature file (``slide.path``, any supported tool's
-    layout) without tiling; writes ``slide_embedding.h5`` and ``status.json`` as the full pipeline does."""
+    layout) without tiling; writes ``slide_embedding.h5`` (the caller writes ``status.json``)."""
     from .interop import read_tile_features
 
     se = models.slide_encoder
-    try:
+    with _stage_failures(row, slide):
         t0 = time.perf_counter()
         tf = read_tile_features(slide.path, level0_mpp=slide.mpp, coords_unit=cfg.inputs.coords_unit,
                                 tile_size=cfg.inputs.tile_size, key_prefix="inputs.",
@@ -404,13 +413,6 @@ def _run_on_features(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp
                                 device=models.device, precision=cfg.slide_encoder.precision)
         row["seconds_slide_encoder"] = round(time.perf_counter() - t0, 3)
         row["status"] = "ok"
-    except ConfigError:
-        raise
-    except GigapathError as err:
-        row.update(reason=str(err), error_type=type(err).__name__)
-    except Exception as err:  # an unexpected failure fails this slide only
-        log.debug("slide %s failed:\n%s", slide.slide_id, traceback.format_exc())
-        row.update(reason=f"{slide.path}: unexpected {type(err).__name__}: {err}", error_type=type(err).__name__)
     row["seconds_total"] = round(time.perf_counter() - t_start, 3)
     return row
 

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 TARGET_MPP = 0.5
@@ -22,6 +24,19 @@ def tile_size_level0(tile_size: int, target_mpp: float, source_mpp: float) -> fl
     Example: 256 px at 0.5 µm/px on a 0.2271 µm/px scan -> 563.6 level-0 px.
     """
     return tile_size * target_mpp / source_mpp
+
+
+def patch_size_level0(side: float) -> int:
+    """A tile side in level-0 px as the one integer TRIDENT's ``patch_size_level0`` holds, chosen so that
+    ``floor(coords / size)`` gives each tile's grid cell for our coords ``round(cell * side)``.
+
+    TRIDENT's slide encoders place tiles at ``floor(coords / patch_size_level0)``
+    (mahmoodlab/TRIDENT trident/slide_encoder_models/load.py, GigaPathSlideEncoder). ``round(side)`` would put
+    cell 3 of a 0.499 µm/px slide (x = 770, side 256.5 -> 257) in cell 2; ``floor(side)`` maps cell i to i for
+    every i < (floor(side) - 0.5) / frac(side) (> 500 tiles, 6 cm, at 0.499 µm/px; > 880 at 0.2271 µm/px). The
+    exact side goes in the ``tile_size_level0`` attribute beside it.
+    """
+    return int(round(side)) if abs(side - round(side)) < 1e-6 else int(math.floor(side))
 
 
 def grid_index_to_level0(index: np.ndarray, tile_size: int, target_mpp: float, source_mpp: tuple[float, float]) -> np.ndarray:

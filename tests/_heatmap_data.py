@@ -26,7 +26,7 @@ def make_embed_run(out: Path) -> Path:
     tiles, _ = read_h5(sdir / "tiles.h5")
     feats = np.random.default_rng(0).normal(size=(len(tiles["coords"]), DIM)).astype(np.float32)
     feats[: len(feats) // 3, 0] += 3.0  # some tiles look like the positive class
-    write_tile_embeddings(sdir / "tile_embeddings.h5", feats, tiles["grid_coords"], tiles["coords"],
+    write_tile_embeddings(sdir / "tile_embeddings.h5", feats, tiles["coords"], tiles["grid_coords"],
                           {"tile_encoder": "synthetic", "weights_source": "random"})
     status = read_status(sdir)
     write_status(sdir, {**status, "weights": "tile_encoder=random"})

@@ -219,10 +219,11 @@ def test_batch_timeout_is_validated_and_not_fingerprinted(tmp_path):
 
     (tmp_path / "x.svs").write_bytes(b"")
     base = {"inputs": {"slides": ["x.svs"]}, "tile_encoder": tile_encoder()}
+    out = str(tmp_path / "out")
     with pytest.raises(ConfigError, match=r"^tile_encoder\.batch_timeout_s"):
-        load_pipeline_config({**base, "tile_encoder": tile_encoder(batch_timeout_s=0)}, tmp_path, str(tmp_path))
-    a, slides = load_pipeline_config(base, tmp_path, str(tmp_path))
-    b, _ = load_pipeline_config({**base, "tile_encoder": tile_encoder(batch_timeout_s=5)}, tmp_path, str(tmp_path))
+        load_pipeline_config({**base, "tile_encoder": tile_encoder(batch_timeout_s=0)}, tmp_path, out)
+    a, slides = load_pipeline_config(base, tmp_path, out)
+    b, _ = load_pipeline_config({**base, "tile_encoder": tile_encoder(batch_timeout_s=5)}, tmp_path, out)
     assert (a.tile_encoder.batch_timeout_s, b.tile_encoder.batch_timeout_s) == (600, 5)
     # how long to wait does not change what is computed: finished outputs stay valid
     assert fingerprints(a, slides[0]) == fingerprints(b, slides[0])

@@ -310,7 +310,10 @@ def test_real_run_writes_format_version_2_with_both_units(tmp_path):
     np.testing.assert_allclose(coords, grid * 0.5 / mpp, atol=1.0)  # level-0 = grid px * 0.5 / mpp
     assert (grid % 256 == 0).all()
     assert ca["unit"] == "level-0 px" and ca["target_mpp"] == 0.5 and ca["patch_size"] == 256
-    assert ca["patch_size_level0"] == round(256 * 0.5 / mpp) and ca["overlap"] == 0
+    assert ca["patch_size_level0"] == int(256 * 0.5 / mpp) and ca["overlap"] == 0  # floored (units.patch_size_level0)
+    assert ca["tile_size_level0"] == pytest.approx(256 * 0.5 / mpp)
+    # TRIDENT's slide encoders place a tile at floor(coords / patch_size_level0): that is its grid cell
+    np.testing.assert_array_equal(coords // ca["patch_size_level0"], grid // 256)
     assert ca["level0_magnification"] == pytest.approx(10 / mpp) and ca["target_magnification"] == 20
     assert "patch_level" in ca and ca["name"] == "OS-2-ndpi"
     assert ga["unit"] == "grid px" and ga["tile_size"] == 256 and ga["target_mpp"] == 0.5

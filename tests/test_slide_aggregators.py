@@ -104,7 +104,7 @@ def test_stage_errors_are_per_slide(tmp_path):
     feats, coords = _tiles(10)
     feats[7, 3] = np.nan
     _write_tiles(tmp_path, feats, coords)
-    with pytest.raises(SlideError, match=r"non-finite \(NaN/Inf\) for 1 of 10 tiles, first tile 7 "):
+    with pytest.raises(SlideError, match=r"non-finite \(NaN/Inf\) for 1 of 10 tiles, first tile 7, written by tile encoder"):
         run_slide_embedding(enc, tmp_path, "tile_embeddings.h5", {}, device=torch.device("cpu"), precision="fp32")
     with pytest.raises(ConfigError, match="tile embeddings are 16-d but the slide encoder takes 24-d"):
         encode_slide(enc, feats[:, :16], coords)

@@ -7,12 +7,12 @@ carry ``exported_by`` (``gigapath-core <version>``) and ``export_format`` instea
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import units
 from ..store import _attr, atomic_path
 from ._source import SlideFeatures
 
@@ -65,17 +65,9 @@ def encoder_name(sf: SlideFeatures, override: str | None = None) -> str:
 
 
 def level0_patch_size(sf: SlideFeatures) -> int:
-    """Tile side in level-0 px as one integer, chosen so that ``floor(coords / size)`` gives each tile's grid cell.
-
-    The exact side is ``tile_size * target_mpp / mpp`` (563.64 at 0.2271 µm/px) and our level-0 coords are
-    ``round(cell * side)`` (units.grid_index_to_level0). Slide encoders in TRIDENT compute positions as
-    ``floor(coords / patch_size_level0)`` (trident/slide_encoder_models/load.py, GigaPathSlideEncoder.forward
-    sets ``tile_size = patch_size_level0``); with ``round(side)`` = 564, cell 2 at x = 1127 would land in cell 1.
-    ``floor(side)`` maps cell i to i for every i < (floor(side) - 0.5) / frac(side) (> 880 tiles, 11 cm, at
-    0.2271 µm/px); the drawn square is under one level-0 px smaller than the tile.
-    """
-    side = sf.tile_size_level0
-    return int(round(side)) if abs(side - round(side)) < 1e-6 else int(math.floor(side))
+    """Tile side in level-0 px as one integer such that ``floor(coords / size)`` gives each tile's grid cell
+    (:func:`gigapath_core.units.patch_size_level0`)."""
+    return units.patch_size_level0(sf.tile_size_level0)
 
 
 def slide_encoder_name(sf: SlideFeatures, tile_encoder: str) -> str:

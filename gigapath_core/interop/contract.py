@@ -63,7 +63,8 @@ def coords_attrs(level0_mpp: float, *, target_mpp: float = units.TARGET_MPP, til
         "tile_size": int(tile_size),
         # TRIDENT (trident/IO.py coords_to_h5)
         "patch_size": int(tile_size),
-        "patch_size_level0": int(round(side0)),
+        "patch_size_level0": units.patch_size_level0(side0),  # floor: TRIDENT's floor(coords / size) = cell
+        "tile_size_level0": float(side0),  # the exact side (ours)
         "level0_magnification": units.mpp_to_magnification(level0_mpp),
         "target_magnification": units.mpp_to_magnification(target_mpp),
         "overlap": 0,

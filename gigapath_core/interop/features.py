@@ -178,7 +178,9 @@ def _pitch_level0(path: Path, fmt: str, cattrs: dict, level0_mpp: float | None, 
     """Tile step in level-0 px: from the file's attributes, else from ``level0_mpp``."""
     if fmt == "trident":
         ps = cattrs.get("patch_size")
-        if cattrs.get("patch_size_level0"):
+        if cattrs.get("tile_size_level0"):  # the exact side, when we wrote the file (patch_size_level0 is floored)
+            side = float(cattrs["tile_size_level0"])
+        elif cattrs.get("patch_size_level0"):
             side = float(cattrs["patch_size_level0"])
         elif ps and cattrs.get("level0_magnification") and cattrs.get("target_magnification"):
             side = float(ps) * float(cattrs["level0_magnification"]) / float(cattrs["target_magnification"])

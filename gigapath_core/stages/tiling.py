@@ -8,7 +8,8 @@ Outputs in the slide folder (see :mod:`gigapath_core.store`):
   float32; attributes record the reader, source mpp (and whether it was an override), level, read size, the
   tiler's facts (Otsu threshold, tissue fraction, grid size).
 - ``thumbnail.png``: the mask thumbnail with the tissue outline (green), the annotation mask's region (orange)
-  and excluded annotations (magenta) when one is used, and the kept tiles (blue boxes).
+  and excluded annotations (magenta) when one is used, the kept tiles (blue boxes) and the rejected ones (red),
+  with a legend and a µm scale bar (:mod:`gigapath_core.stages.qc`).
 - ``tissue.geojson``: tissue polygons (with holes) in level-0 px, a FeatureCollection that QuPath imports
   (drag it onto the open slide) as "Tissue" annotations.
 """
@@ -25,6 +26,8 @@ from ..errors import SlideError, SlideOpenError
 from ..kinds import WSI, Tiler, TileGrid
 from ..masks import MaskSpec, load_mask
 from ..store import write_bytes, write_h5, write_png
+from .qc import EXCLUDED_RGB, REGION_RGB, REJECTED_RGB, TILE_RGB, TISSUE_RGB, outline_width  # noqa: F401
+from .qc import qc_thumbnail as _qc_thumbnail
 
 TILES_FILE = "tiles.h5"
 
@@ -134,55 +137,11 @@ def tissue_geojson(grid: TileGrid, level0_size: tuple[int, int] | None = None) -
 
 
 #: QC colours: tissue outline, annotation region outline, excluded annotations, kept tiles
-TISSUE_RGB, REGION_RGB, EXCLUDED_RGB, TILE_RGB = (0, 200, 0), (255, 140, 0), (220, 0, 200), (30, 60, 255)
-
-
-def outline_width(shape: tuple[int, ...]) -> int:
-    """Outline width in px for a QC image of ``shape`` (h, w, ...): 2 px on a 1,024-px thumbnail, scaling with
-    the long side (1 px below 768 px)."""
-    return max(1, round(max(shape[:2]) / 512))
-
-
-def qc_thumbnail(grid: TileGrid, level0_size: tuple[int, int] | None = None, annotations=None) -> np.ndarray:
-    """Thumbnail with the tissue-mask outline (green), the annotation region's outline (orange) and excluded
-    annotations (magenta) when a mask was used, and the kept tiles (blue boxes): (h, w, 3) uint8.
-
-    Line widths scale with the image (:func:`outline_width`); annotations are level-0 px, drawn at
-    1 / mask downsample."""
-    from PIL import Image, ImageDraw
-    from scipy import ndimage
-    from skimage.segmentation import find_boundaries
-
-    from ..masks import geometry_rings
-
-    dsx, dsy = _mask_downsample_xy(grid, level0_size)
-    width = outline_width(grid.thumbnail.shape)
-    img = grid.thumbnail.copy()
-    edge = find_boundaries(grid.tissue_mask, mode="inner")
-    if width > 1 and edge.any():  # thicken inwards: the outline stays on the tissue side
-        edge = ndimage.binary_dilation(edge, iterations=width - 1) & grid.tissue_mask
-    img[edge] = TISSUE_RGB
-    pil = Image.fromarray(img)
-    draw = ImageDraw.Draw(pil)
-
-    def ring_line(xy: np.ndarray, colour) -> None:
-        if len(xy) >= 2:
-            draw.line([(float(x), float(y)) for x, y in xy], fill=colour, width=width, joint="curve")
-
-    if annotations is not None:
-        scale = np.array([1.0 / dsx, 1.0 / dsy])
-        if not annotations.exclude.is_empty:
-            for ring in geometry_rings(annotations.exclude):
-                ring_line(ring * scale, EXCLUDED_RGB)
-        for ring in geometry_rings(annotations.region):
-            ring_line(ring * scale, REGION_RGB)
-    side_x = grid.tile_size * grid.target_mpp / grid.source_mpp[0] / dsx
-    side_y = grid.tile_size * grid.target_mpp / grid.source_mpp[1] / dsy
-    box_width = max(1, width // 2)
-    for x, y in grid.coords:
-        x0, y0 = x / dsx, y / dsy
-        draw.rectangle([x0, y0, x0 + side_x, y0 + side_y], outline=TILE_RGB, width=box_width)
-    return np.asarray(pil)
+def qc_thumbnail(grid: TileGrid, level0_size: tuple[int, int] | None = None, annotations=None,
+                 legend: bool = True) -> np.ndarray:
+    """The QC thumbnail (:mod:`gigapath_core.stages.qc`): tissue outline, annotations, kept and rejected tiles,
+    legend and µm scale bar; (h [+ legend], w, 3) uint8."""
+    return _qc_thumbnail(grid, _mask_downsample_xy(grid, level0_size), annotations, legend)
 
 
 def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float] | None, attrs: dict,
