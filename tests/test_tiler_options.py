@@ -91,3 +91,16 @@ def test_stride_with_a_slide_encoder_is_refused(example_slide, tmp_path):
     raw["tiler"]["params"] = {"stride": 256}  # = tile_size: the default grid
     raw["slide_encoder"] = {"name": "mean"}
     assert load_pipeline_config(raw, tmp_path, str(tmp_path / "out"))[0].slide_encoder.params == {"in_dim": 384}
+
+
+def test_qc_rejected_tiles_follow_the_stride():
+    from gigapath_core.stages.qc import rejected_cells
+
+    tissue = np.full((512, 512, 3), 255, np.uint8)
+    tissue[:, :256, 1] = 60  # left half tissue: tiles at x = 0 (all tissue), 128 (half), 256 (none)
+    wsi = ArrayWSI([tissue], (0.5, 0.5))
+    grid = build("tiler", "otsu", min_area_um2=0, min_occupancy=0.75, stride=128, median_size=1).tile(wsi)
+    assert sorted(set(grid.grid_coords[:, 0].tolist())) == [0]
+    ds = (grid.mask_downsample, grid.mask_downsample)
+    # the half-tissue column (index 1, at 128 px) is the one with tissue that was not kept
+    assert sorted(set(rejected_cells(grid, ds)[:, 0].tolist())) == [1]
