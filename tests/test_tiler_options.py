@@ -104,3 +104,30 @@ def test_qc_rejected_tiles_follow_the_stride():
     ds = (grid.mask_downsample, grid.mask_downsample)
     # the half-tissue column (index 1, at 128 px) is the one with tissue that was not kept
     assert sorted(set(rejected_cells(grid, ds)[:, 0].tolist())) == [1]
+
+
+def test_tile_embeddings_of_overlapping_tiles_are_refused_by_readers(tmp_path):
+    """An embed run without a slide encoder may write overlapping tiles; reading them for a slide encoder
+    (finetune, inputs.features) fails with the reason instead of a confusing grid error."""
+    import gigapath_core as gp
+    from gigapath_core.errors import FeatureFileError
+    from gigapath_core.interop import read_tile_features
+    from gigapath_core.store import read_h5
+
+    tissue = np.full((768, 768, 3), 255, np.uint8)
+    tissue[:512, :512, 1] = 60
+    slide = tmp_path / "s.tif"
+    import tifffile
+
+    tifffile.imwrite(slide, tissue, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")  # 0.5 µm/px
+    tiny = {"name": "dinov2_vit", "weights": "random", "batch_size": 8,
+            "params": {"model_name": "vit_small_patch14_dinov2", "img_size": 28,
+                       "model_kwargs": {"depth": 1, "embed_dim": 24, "num_heads": 2}}}
+    cfg = {"inputs": {"slides": [str(slide)], "mpp": 0.5}, "readers": ["tifffile"],
+           "tiler": {"name": "otsu", "params": {"stride": 128, "min_area_um2": 0, "median_size": 1}},
+           "tile_encoder": tiny}
+    assert gp.run(cfg, out=str(tmp_path / "out")) == 0
+    data, _ = read_h5(tmp_path / "out" / "s" / "tile_embeddings.h5")
+    assert (data["grid_coords"] % 128 == 0).all() and (data["grid_coords"] % 256 != 0).any()
+    with pytest.raises(FeatureFileError, match=r"its tiles overlap \(tiler stride 128 px, tile_size 256\)"):
+        read_tile_features(tmp_path / "out" / "s" / "tile_embeddings.h5")
