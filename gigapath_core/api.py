@@ -28,8 +28,11 @@ def resolve(kind: str, name: str, registry: list[str | Path] = ()) -> tuple[Plug
         return pm.get(kind, card.plugin), card
     if name in pm.plugins[kind]:
         return pm.plugins[kind][name], None
+    from .suggest import did_you_mean
+
     choices = sorted(set(pm.names(kind)) | set(presets))
-    raise PluginNotFoundError(kind, f"unknown plugin or preset {name!r}; valid choices: {', '.join(choices) or '(none)'}")
+    raise PluginNotFoundError(kind, f"unknown plugin or preset {name!r}; valid choices: {', '.join(choices) or '(none)'}"
+                                    f"{did_you_mean(name, choices)}")
 
 
 def validate_params(kind: str, name: str, overrides: dict[str, Any] | None = None, registry=(), key_path: str = ""):
@@ -42,13 +45,20 @@ def validate_params(kind: str, name: str, overrides: dict[str, Any] | None = Non
     try:
         validated = info.cls.Params(**params)
     except ValidationError as err:
-        e = err.errors()[0]
-        loc = ".".join(str(p) for p in e["loc"])
+        from .errors import ConfigErrors
+        from .suggest import did_you_mean
+
         prefix = f"{key_path or kind}.params"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = f"unknown parameter for {kind} {info.name!r}; valid: {', '.join(info.cls.Params.model_fields)}"
-        raise ConfigError(f"{prefix}.{loc}" if loc else prefix, msg) from None
+        fields = list(info.cls.Params.model_fields)
+        found = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            msg = e["msg"]
+            if e["type"] == "extra_forbidden":
+                msg = f"unknown parameter for {kind} {info.name!r}; valid: {', '.join(fields)}"
+                msg += did_you_mean(str(e["loc"][-1]), fields) if e["loc"] else ""
+            found.append(ConfigError(f"{prefix}.{loc}" if loc else prefix, msg))
+        raise ConfigErrors.of(found) from None
     return info, validated, card
 
 
@@ -82,7 +92,7 @@ def build(kind: str, name: str, *, weights: str | list[str] | None = None, regis
         sources = [weights] if isinstance(weights, str) else list(weights or [])
         if weights is None:
             sources = list(card.weights) if card else []
-        if next(iter(obj.parameters()), None) is None and not sources:
+        if next(iter(obj.parameters()), None) is None and all(s == "random" for s in sources):
             obj.weights_source = NO_WEIGHTS  # e.g. mean pooling: nothing to load, nothing to warn about
         else:
             obj.weights_source = load_weights(obj, sources)

@@ -1,4 +1,4 @@
-"""``gigapath`` console script: run, plugins, presets, doctor."""
+"""``gigapath`` console script: run, validate, plugins, presets, doctor, export, heatmap, report, reports."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def _setup_logging(verbose: bool) -> None:
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, show_time=False)])
-    for noisy in ("PIL", "h5py", "matplotlib", "urllib3", "filelock", "httpx", "huggingface_hub"):
+    # pyvips forwards libvips' GLib log (~20 "INFO VIPS: ..." lines per slide) to its logger "pyvips"
+    for noisy in ("PIL", "h5py", "matplotlib", "urllib3", "filelock", "httpx", "huggingface_hub", "pyvips"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -27,6 +28,14 @@ def cmd_run(args) -> int:
 
     options = {k: v for k, v in (("executor", args.executor), ("shard", args.shard), ("address", args.address)) if v}
     return run(args.config, out=args.out, sets=args.set or [], **options)
+
+
+def cmd_validate(args) -> int:
+    from .validate import format_plan, validate
+
+    plan = validate(args.config, out=args.out, sets=args.set or [])
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
 
 
 def cmd_plugins(args) -> int:
@@ -154,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
                                      "implies --executor ray")
     r.set_defaults(func=cmd_run)
 
+    v = sub.add_parser("validate", help="check a config of any job as `run` would (keys, plugins, params, paths, "
+                                        "inputs) and print the plan; runs and writes nothing; exit 0 or 2")
+    v.add_argument("config", help="config (YAML)")
+    v.add_argument("--out", help="output folder (overrides the config's output)")
+    v.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
+    v.add_argument("--json", action="store_true", help="the plan as JSON")
+    v.set_defaults(func=cmd_validate)
+
     pl = sub.add_parser("plugins", help="list installed plugins")
     pl.add_argument("--kind", help="only this kind")
     pl.add_argument("--json", action="store_true")
@@ -213,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except GigapathError as err:
-        print(f"gigapath: error: {err}", file=sys.stderr)
+        from .errors import ConfigErrors
+
+        for one in err.errors if isinstance(err, ConfigErrors) else [err]:  # several config errors: one line each
+            print(f"gigapath: error: {one}", file=sys.stderr)
         return 2
     except OSError as err:  # a filesystem error outside any slide (the slides' own are recorded per slide)
         if args.verbose:

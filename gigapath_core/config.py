@@ -118,7 +118,8 @@ class PipelineConfig(Strict):
     tiler: StageConfig = Field(default_factory=lambda: StageConfig(name="otsu"))
     tile_encoder: TileEncoderStage | None = None
     slide_encoder: SlideEncoderStage | None = None
-    save_tile_png: bool = Field(False, description="also write each tile as PNG under <slide>/tiles/")
+    save_tile_png: bool = Field(False, description="also write each tile as PNG under <slide>/tiles/ (the tiles "
+                                "the tile encoder reads: needs a tile_encoder stage)")
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
 
     @field_validator("device")
@@ -139,19 +140,68 @@ class SlideInput(Strict):
 
 
 # ------------------------------------------------------------------------------------------ loading
-def pydantic_error(err: ValidationError, prefix: str = "") -> ConfigError:
-    """First pydantic error -> ConfigError with a dotted key path (``tile_encoder.batch_size``)."""
-    e = err.errors()[0]
+def _key_path(loc, prefix: str = "") -> str:
     parts = [prefix] if prefix else []
-    for p in e["loc"]:
+    for p in loc:
         parts.append(f"[{p}]" if isinstance(p, int) else str(p))
-    path = ".".join(parts).replace(".[", "[")
-    msg = e["msg"]
-    if e["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif e.get("input") is not None and e["type"] not in ("missing",):
-        msg = f"{msg} (got {short_repr(e['input'])})"
-    return ConfigError(path, msg)
+    return ".".join(parts).replace(".[", "[")
+
+
+def _fields_at(model: Any, loc: tuple) -> list[str]:
+    """Field names of the pydantic model reached from ``model`` by ``loc`` (keys and list indices), or []."""
+    from typing import get_args
+
+    node = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(node, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        ann, node = fields[part].annotation, None
+        todo = [ann]
+        while todo:  # unwrap Optional[...], list[...], dict[str, ...]
+            t = todo.pop()
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                node = t
+                break
+            todo.extend(get_args(t))
+        if node is None:
+            return []
+    return list(getattr(node, "model_fields", {}) or [])
+
+
+def pydantic_errors(err: ValidationError, prefix: str = "", model: Any = None) -> ConfigError:
+    """Every pydantic error -> one ConfigError per problem with a dotted key path (``tile_encoder.batch_size``),
+    as a :class:`~gigapath_core.errors.ConfigErrors` when there are several. An unknown key gets a "did you
+    mean" suggestion from the fields of ``model`` at its place; a missing field that is the suggestion for an
+    unknown key beside it (``input:`` for ``inputs:``) is reported once, as the typo."""
+    from .errors import ConfigErrors
+    from .suggest import closest
+
+    errors = err.errors()
+    suggested: set[tuple] = set()
+    out: list[tuple[bool, tuple, ConfigError]] = []
+    for e in errors:
+        loc = tuple(e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            if model is not None and loc and isinstance(loc[-1], str):
+                best = closest(loc[-1], _fields_at(model, loc[:-1]))
+                if best is not None:
+                    msg += f"; did you mean {best!r}?"
+                    suggested.add(loc[:-1] + (best,))
+        elif e.get("input") is not None and e["type"] not in ("missing",):
+            msg = f"{msg} (got {short_repr(e['input'])})"
+        out.append((e["type"] == "missing", loc, ConfigError(_key_path(loc, prefix), msg)))
+    kept = [c for missing, loc, c in out if not (missing and loc in suggested)]
+    return ConfigErrors.of(kept)
+
+
+def pydantic_error(err: ValidationError, prefix: str = "", model: Any = None) -> ConfigError:
+    """Every pydantic error as a ConfigError (see :func:`pydantic_errors`; kept for callers of the old name)."""
+    return pydantic_errors(err, prefix, model)
 
 
 _REPR = reprlib.Repr()
@@ -401,11 +451,12 @@ def _feature_inputs(inputs: InputsConfig, base: Path) -> list[SlideInput]:
 
 
 def parse_model(model: type[BaseModel], raw: dict) -> Any:
-    """``model(**raw)`` with the first validation error turned into a key-path ConfigError."""
+    """``model(**raw)``; every validation error turned into a key-path ConfigError, all in one report
+    (:class:`~gigapath_core.errors.ConfigErrors`), unknown keys with a "did you mean" suggestion."""
     try:
         return model(**raw)
     except ValidationError as err:
-        raise pydantic_error(err) from None
+        raise pydantic_errors(err, model=model) from None
 
 
 def resolve_output(cfg: Any, base: Path, out: str | None) -> None:
@@ -441,34 +492,101 @@ def _resolve_weights(cfg: Any, base: Path) -> None:
 def load_pipeline_config(raw: dict, base: Path, out: str | None = None) -> tuple[PipelineConfig, list[SlideInput]]:
     """Validate an ``embed`` config completely (keys, types, plugin names, params, inputs).
 
-    Raises ConfigError with the key path of the first problem, before any slide is touched.
+    The slide encoder's input width (its ``input_width_param``, :mod:`gigapath_core.widths`) is filled in
+    from the tile encoder, or from the first readable file of ``inputs.features``.
+
+    Raises ConfigError with the key path of each problem found (every key/type error at once, then every
+    bad stage at once, then the inputs), before any slide is touched.
     """
     from .api import validate_stage
+    from .errors import ConfigErrors
     from .plugins import get_plugin_manager
+    from .suggest import did_you_mean
 
     cfg = parse_model(PipelineConfig, raw)
     resolve_output(cfg, base, out)
     cfg.registry = [str((base / r).resolve()) for r in cfg.registry]
+    problems: list[ConfigError] = []
     readers = get_plugin_manager().names("slide_reader")
     for i, r in enumerate(cfg.readers):
         if r not in readers:
-            raise ConfigError(f"readers[{i}]", f"unknown slide reader {r!r}; valid choices: {', '.join(readers)}")
-    validate_stage("tiler", cfg.tiler.name, cfg.tiler.params, cfg.registry, "tiler")
-    for kind in ("tile_encoder", "slide_encoder"):
-        stage = getattr(cfg, kind)
+            problems.append(ConfigError(f"readers[{i}]", f"unknown slide reader {r!r}; valid choices: "
+                                                         f"{', '.join(readers)}{did_you_mean(r, readers)}"))
+    stages = [("tiler", cfg.tiler), ("tile_encoder", cfg.tile_encoder), ("slide_encoder", cfg.slide_encoder)]
+    for kind, stage in stages:
         if stage is not None:
-            validate_stage(kind, stage.name, stage.params, cfg.registry, kind)
+            try:
+                validate_stage(kind, stage.name, stage.params, cfg.registry, kind)
+            except ConfigError as err:
+                problems.append(err)
+    if cfg.slide_encoder is not None and not cfg.inputs.features:
+        problems += _stride_problems(cfg)
     if cfg.inputs.features:
         if cfg.inputs.slides or cfg.inputs.manifest:
-            raise ConfigError("inputs.features", "give either slides (inputs.slides / inputs.manifest) or tile "
-                              "features (inputs.features), not both")
+            problems.append(ConfigError("inputs.features", "give either slides (inputs.slides / inputs.manifest) "
+                                        "or tile features (inputs.features), not both"))
         if cfg.tile_encoder is not None:
-            raise ConfigError("tile_encoder", "inputs.features already holds tile embeddings; remove the "
-                              "tile_encoder stage (the slide encoder runs on the given features)")
+            problems.append(ConfigError("tile_encoder", "inputs.features already holds tile embeddings; remove the "
+                                        "tile_encoder stage (the slide encoder runs on the given features)"))
         if cfg.slide_encoder is None:
-            raise ConfigError("slide_encoder", "inputs.features needs a slide_encoder stage to run on them")
+            problems.append(ConfigError("slide_encoder", "inputs.features needs a slide_encoder stage to run on them"))
     elif cfg.slide_encoder is not None and cfg.tile_encoder is None:
-        raise ConfigError("slide_encoder", "needs a tile_encoder stage (or tile features given with inputs.features)")
+        problems.append(ConfigError("slide_encoder", "needs a tile_encoder stage (or tile features given with "
+                                                     "inputs.features)"))
+    if cfg.save_tile_png and cfg.tile_encoder is None:  # the PNGs are written while the tile encoder reads them
+        problems.append(ConfigError("save_tile_png", "writes the tiles the tile encoder reads, and this config has "
+                                    "no tile_encoder stage: add one, or remove save_tile_png"))
+    if problems:
+        raise ConfigErrors.of(problems)
     _resolve_weights(cfg, base)
     slides = collect_slides(cfg.inputs, base, cfg.output)
+    if cfg.slide_encoder is not None:  # its name and the given params were checked above
+        _fill_slide_encoder_width(cfg, slides)
     return cfg, slides
+
+
+def _stride_problems(cfg: PipelineConfig) -> list[ConfigError]:
+    """A tiler ``stride`` other than its ``tile_size`` (overlapping or spaced tiles) with a slide encoder: the
+    slide encoders take positions on a grid of ``tile_size`` cells (LongNet's 2-D sin-cos grid, SPEC §3), where
+    overlapping tiles have no cell of their own; snapping them would put two tiles in one cell. Refused."""
+    from .api import validate_params
+
+    try:
+        params = validate_params("tiler", cfg.tiler.name, cfg.tiler.params, cfg.registry, "tiler")[1]
+    except ConfigError:
+        return []  # reported by the tiler's own check
+    stride, size = getattr(params, "stride", None), getattr(params, "tile_size", None)
+    if stride is None or size is None or stride == size:
+        return []
+    return [ConfigError("tiler.params.stride", f"{stride} px (tile_size {size}) gives tiles off the slide encoder's "
+                        f"{size}-px position grid; with a slide_encoder keep stride = tile_size, or remove the "
+                        f"slide_encoder stage to embed overlapping tiles (docs/slides.md)")]
+
+
+def _fill_slide_encoder_width(cfg: PipelineConfig, slides: list[SlideInput]) -> None:
+    """Set the slide encoder's input width from the tile encoder (or the features) in ``cfg`` (in place)."""
+    from .widths import fill_input_width, tile_encoder_width
+
+    se = cfg.slide_encoder
+    if cfg.tile_encoder is not None:
+        width = tile_encoder_width(cfg.tile_encoder.name, cfg.tile_encoder.params, cfg.registry)
+        source = f"the tile encoder {cfg.tile_encoder.name!r}"
+    else:
+        width, source = _features_width(cfg, slides), f"the features in {cfg.inputs.features}"
+    se.params = fill_input_width(se.name, se.params, width, registry=cfg.registry, weights=se.weights,
+                                 key_path="slide_encoder", source=source)
+
+
+def _features_width(cfg: PipelineConfig, slides: list[SlideInput]) -> int | None:
+    """Width of the first readable features file of ``inputs.features`` (None if none reads: each such slide
+    then fails alone with its reason)."""
+    from .interop import read_tile_features
+
+    for s in slides:
+        try:
+            tf = read_tile_features(s.path, level0_mpp=s.mpp, coords_unit=cfg.inputs.coords_unit,
+                                    tile_size=cfg.inputs.tile_size, keys={"level0_mpp": "inputs.mpp"})
+        except Exception:  # noqa: BLE001 - this slide's problem is reported when it runs
+            continue
+        return int(tf.features.shape[1])
+    return None

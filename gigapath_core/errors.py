@@ -19,6 +19,23 @@ class ConfigError(GigapathError, ValueError):
         super().__init__(f"{key_path}: {message}" if key_path else message)
 
 
+class ConfigErrors(ConfigError):
+    """Several config problems found at once (every pydantic error of a config, every bad stage): one
+    :class:`ConfigError` per line, the first one's key path as ``key_path``. The CLI prints each line as
+    ``gigapath: error: KEY: message``."""
+
+    def __init__(self, errors: list[ConfigError]):
+        self.errors = list(errors)
+        ValueError.__init__(self, "\n".join(str(e) for e in self.errors))
+        self.key_path = self.errors[0].key_path
+
+    @classmethod
+    def of(cls, errors: list[ConfigError]) -> ConfigError:
+        """The single error itself, or a ConfigErrors for several (flattening nested ones)."""
+        flat = [x for e in errors for x in (e.errors if isinstance(e, ConfigErrors) else [e])]
+        return flat[0] if len(flat) == 1 else cls(flat)
+
+
 class PluginNotFoundError(ConfigError, KeyError):
     """No plugin or preset of that kind has that name. The message lists the valid choices."""
 

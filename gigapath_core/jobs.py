@@ -45,7 +45,10 @@ def run(config: str | Path | dict, out: str | None = None, sets: list[str] = (),
     raw = apply_overrides(raw, list(sets))
     job = raw.get("job", "embed")
     if job not in JOBS:
-        raise ConfigError("job", f"unknown job {job!r}; valid choices: {', '.join(sorted(JOBS))}")
+        from .suggest import did_you_mean
+
+        raise ConfigError("job", f"unknown job {job!r}; valid choices: {', '.join(sorted(JOBS))}"
+                                 f"{did_you_mean(str(job), JOBS)}")
     module, func = JOBS[job].split(":")
     return getattr(importlib.import_module(module), func)(raw, base, out, options)
 
@@ -119,6 +122,7 @@ def run_embed(raw: dict, base: Path, out: str | None, options: dict) -> int:
                 waiting.append(len(locked))
 
             for row in map_until_done(executor, process_slide, cfg, slides, on_tiles=on_tiles, on_wait=on_wait):
+                row.setdefault("this_run", "processed" if row["status"] == "ok" else row["status"])
                 rows[row["slide_id"]] = done_here[row["slide_id"]] = row
                 failed += row["status"] == "failed"
                 if row["status"] == "failed":
@@ -142,8 +146,8 @@ def run_embed(raw: dict, base: Path, out: str | None, options: dict) -> int:
     # the rows of this run win (a failed slide whose marker could not be written); other slides: their markers
     with output_errors(cfg.output):
         final = rebuild_manifest(cfg.output, ids, done_here, name=manifest_name)
-    skipped = {r["slide_id"] for r in final if r["status"] == "skipped"}
-    ok = sum(r["status"] == "ok" for r in final)
+    skipped = {r["slide_id"] for r in final if r["this_run"] == "skipped"}
+    ok = sum(r["status"] == "ok" and r["this_run"] == "processed" for r in final)
     console.print(f"{ok} ok, {len(skipped)} skipped, {failed} failed -> {Path(cfg.output) / manifest_name}")
     try_write_run_report(cfg.output)  # OUT/report.html
     if shard:

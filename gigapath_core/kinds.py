@@ -285,9 +285,13 @@ class SlideEncoder(Plugin, nn.Module, abc.ABC):
     Attributes:
         in_dim: Din, width of the tile embeddings it takes.
         embed_dim: D, width of the slide embedding.
+        input_width_param: the name of the ``Params`` field (constructor argument) that sets ``in_dim``; the
+            embed, finetune and pretraining jobs fill it from the tile encoder or the features
+            (:func:`gigapath_core.widths.fill_input_width`). ``None``: the encoder's input width is fixed.
     """
 
     kind: ClassVar[str] = "slide_encoder"
+    input_width_param: ClassVar[str | None] = "in_dim"
     in_dim: int
     embed_dim: int
     weights_source: str = "random"

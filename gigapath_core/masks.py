@@ -271,7 +271,7 @@ def _mask_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def region_occupancy(region, n_cols: int, n_rows: int, side0: tuple[float, float], candidates: np.ndarray | None,
                      tissue: np.ndarray | None = None, mask_ds: tuple[float, float] = (1.0, 1.0),
-                     tissue_occ: np.ndarray | None = None) -> np.ndarray:
+                     tissue_occ: np.ndarray | None = None, step0: tuple[float, float] | None = None) -> np.ndarray:
     """(n_rows, n_cols) float32 area fraction of each grid cell inside ``region`` (∩ tissue when given).
 
     Args:
@@ -281,6 +281,8 @@ def region_occupancy(region, n_cols: int, n_rows: int, side0: tuple[float, float
         tissue: (h, w) bool tissue mask, pixel (i, j) covering [j*dsx, (j+1)*dsx) x [i*dsy, (i+1)*dsy) level-0 px
             (``mask_ds`` = (dsx, dsy)); with it the fraction is of ``tissue ∩ region``.
         tissue_occ: (n_rows, n_cols) tissue-only occupancy, used for cells entirely inside ``region``.
+        step0: (x, y) level-0 px between neighbouring cells (a tiler ``stride``); None = ``side0``: cell (r, c)
+            is then [c*sx, c*sx + w) x [r*sy, r*sy + h).
     Exact: cells covered by ``region`` take ``tissue_occ`` (or 1), cells on its boundary the summed areas of
     ``run box ∩ cell ∩ region`` over the tissue mask's horizontal pixel runs (disjoint, so areas add).
     """
@@ -294,7 +296,8 @@ def region_occupancy(region, n_cols: int, n_rows: int, side0: tuple[float, float
     if not len(rows):
         return out
     sx, sy = side0
-    x0, y0 = cols * sx, rows * sy
+    stx, sty = step0 if step0 is not None else side0
+    x0, y0 = cols * stx, rows * sty
     boxes = shapely.box(x0, y0, x0 + sx, y0 + sy)
     shapely.prepare(region)
     touch = shapely.intersects(region, boxes)

@@ -129,6 +129,7 @@ def get_models(cfg: PipelineConfig) -> Models:
     Raises ConfigError if the tile encoder's width does not match the slide encoder's input width.
     """
     from .api import build
+    from .widths import fill_input_width, width_param
 
     key = json.dumps([cfg.tiler.model_dump(), _stage_dump(cfg.tile_encoder), _stage_dump(cfg.slide_encoder),
                       cfg.device, cfg.registry], sort_keys=True, default=str)
@@ -144,12 +145,18 @@ def get_models(cfg: PipelineConfig) -> Models:
                 te = build("tile_encoder", cfg.tile_encoder.name, weights=cfg.tile_encoder.weights,
                            registry=cfg.registry, **cfg.tile_encoder.params).to(device)
             if cfg.slide_encoder:
+                # the input width from the tile encoder (done by load_pipeline_config already; API callers)
+                se_params = fill_input_width(cfg.slide_encoder.name, cfg.slide_encoder.params,
+                                             te.embed_dim if te is not None else None, registry=cfg.registry,
+                                             weights=cfg.slide_encoder.weights)
                 se = build("slide_encoder", cfg.slide_encoder.name, weights=cfg.slide_encoder.weights,
-                           registry=cfg.registry, **cfg.slide_encoder.params).to(device)
+                           registry=cfg.registry, **se_params).to(device)
             if te is not None and se is not None and te.embed_dim != se.in_dim:
+                key = width_param(cfg.slide_encoder.name, cfg.registry)
+                hint = f" (set its {key} to {te.embed_dim}, or leave it out)" if key else ""
                 raise ConfigError("slide_encoder.params",
                                   f"the tile encoder gives {te.embed_dim}-d embeddings but the slide encoder "
-                                  f"{cfg.slide_encoder.name!r} takes {se.in_dim}-d (set its in_chans to {te.embed_dim})")
+                                  f"{cfg.slide_encoder.name!r} takes {se.in_dim}-d{hint}")
         _MODELS.clear()  # one config per process at a time; free the previous models
         _MODELS[key] = Models(tiler, te, se, device)
     return _MODELS[key]
@@ -174,10 +181,20 @@ def process_slide(cfg: PipelineConfig, slide: SlideInput, on_tiles: Callable[[in
         on_tiles: progress callback ``(done, total)`` during tile embedding.
     Returns:
         The manifest row (see :data:`gigapath_core.store.MANIFEST_FIELDS`); ``status`` is ``ok``,
-        ``failed`` (with ``reason`` and ``error_type``), ``skipped`` (done by an earlier run) or ``locked``
-        (another live run holds the slide's lock, :class:`gigapath_core.executors.SlideLock`; nothing written).
+        ``failed`` (with ``reason`` and ``error_type``) or ``locked`` (another live run holds the slide's
+        lock, :class:`gigapath_core.executors.SlideLock`; nothing written). ``this_run`` says what this call
+        did: ``processed``, ``failed``, ``locked``, or ``skipped`` (finished by an earlier run: the row is then
+        that run's, with its status, reason, reader, n_tiles, weights and timings).
     Raises:
         ConfigError: a problem with the config (affects every slide).
+    """
+    row = _process_slide(cfg, slide, on_tiles)
+    row.setdefault("this_run", "processed" if row.get("status") == "ok" else row.get("status", ""))
+    return row
+
+
+def _process_slide(cfg: PipelineConfig, slide: SlideInput, on_tiles: Callable[[int, int], None] | None) -> dict:
+    """:func:`process_slide` without ``this_run`` (except on skipped rows).
 
     Every filesystem action on the slide (reading its file, the lock, clearing old outputs, the outputs, the
     marker) is inside this failure boundary: its error fails this slide only, with the action named
@@ -266,14 +283,14 @@ def _failed_row(slide: SlideInput, reason: str, error_type: str) -> dict:
 
 
 def _done_row(slide_dir: Path, final_fp: str, identity: dict) -> tuple[dict | None, str | None]:
-    """``(skipped row, None)`` if the slide's marker says ``ok`` for this config, this slide file and outputs
+    """``(the marker's row with this_run: skipped, None)`` if the slide's marker says ``ok`` for this config, this slide file and outputs
     that are still there; else ``(None, why an ok marker no longer holds or None)``."""
     previous = read_status(slide_dir)
     if not previous or previous.get("status") != "ok":
         return None, None
     why = stale_reason(previous, identity, slide_dir)
     if why is None and previous.get("fingerprint") == final_fp:
-        return {**previous, "status": "skipped", "reason": "done by an earlier run"}, None
+        return {**previous, "this_run": "skipped"}, None
     return None, why
 
 

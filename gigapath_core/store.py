@@ -34,8 +34,13 @@ STATUS_FILE = "status.json"
 TMP_PREFIX = ".gigapath-tmp-"  # temporary names (see atomic_path); left behind only by a killed writer
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+#: ``status`` .. ``seconds_total``: the slide's last real result (from the run that processed it: a re-run that
+#: skips a finished slide keeps them); ``this_run``: what the run that wrote the manifest did with the slide,
+#: ``processed`` | ``skipped`` (finished by an earlier run) | ``failed`` | ``locked`` (another live run holds it),
+#: empty for a slide this run did not reach (another shard, a stopped run)
 MANIFEST_FIELDS = ["slide_id", "slide_path", "status", "reason", "error_type", "n_tiles", "reader",
-                   "weights", "seconds_tiling", "seconds_tile_encoder", "seconds_slide_encoder", "seconds_total"]
+                   "weights", "seconds_tiling", "seconds_tile_encoder", "seconds_slide_encoder", "seconds_total",
+                   "this_run"]
 
 
 @contextlib.contextmanager
@@ -168,7 +173,8 @@ def rebuild_manifest(out_dir: str | Path, slide_ids: list[str] | None = None,
 
     Args:
         slide_ids: the slides of this run, in input order; ``None`` takes every slide folder with a marker.
-        overlay: rows that replace the marker's (e.g. ``status: skipped`` for slides done by an earlier run).
+        overlay: this run's rows (with ``this_run``), which replace the marker's; a row read from a marker gets
+            an empty ``this_run`` (the slide was not reached by this run).
     """
     overlay = overlay or {}
     out_dir = Path(out_dir)
@@ -176,8 +182,8 @@ def rebuild_manifest(out_dir: str | Path, slide_ids: list[str] | None = None,
         slide_ids = sorted(p.parent.name for p in out_dir.glob(f"*/{STATUS_FILE}"))
     rows = []
     for sid in slide_ids:
-        s = overlay.get(sid) or read_status(out_dir / sid) or {"slide_id": sid, "status": "pending",
-                                                               "reason": "not processed yet"}
+        s = overlay.get(sid) or {**(read_status(out_dir / sid) or {"slide_id": sid, "status": "pending",
+                                                                      "reason": "not processed yet"}), "this_run": ""}
         rows.append({k: s.get(k, "") for k in MANIFEST_FIELDS})
     write_manifest(out_dir, rows, name)
     return rows

@@ -188,7 +188,8 @@ def test_batch_records_each_failure_and_resumes(shared_data, corrupt_tile_pyrami
     assert gp.run(cfg, out=str(out)) == 1
     rows2 = _manifest(out)
     for sid, (status, etype, _) in EXPECTED.items():
-        assert rows2[sid]["status"] == ("skipped" if status == "ok" else "failed"), sid
+        assert rows2[sid]["status"] == status and rows2[sid]["this_run"] == ("skipped" if status == "ok"
+                                                                              else "failed"), sid
         assert rows2[sid]["error_type"] == etype
     assert tiles_h5.stat().st_mtime_ns == mtime
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import subprocess
@@ -150,7 +151,7 @@ def _job(emb: Path, max_steps: int) -> dict:
     }
 
 
-def test_clip_job_trains_and_resumes_exactly(tmp_path, monkeypatch):
+def test_clip_job_trains_and_resumes_exactly(tmp_path, monkeypatch, caplog):
     from safetensors.torch import load_file
 
     from gigapath_core.jobs import run
@@ -198,8 +199,13 @@ def test_clip_job_trains_and_resumes_exactly(tmp_path, monkeypatch):
         "device": "cpu",
         "zeroshot": {"mutation": {"gene": "EGFR"}, "n_prompt_sets": 5},
     }
-    assert run(cfg, out=str(z)) == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gigapath"):
+        assert run(cfg, out=str(z)) == 0
+    # the trained checkpoint is loaded: no "weights: random" warning, and the JSON says which checkpoint
+    assert not [r for r in caplog.records if "weights: random" in r.getMessage()]
     res = json.loads((z / "zeroshot.json").read_text())
+    assert res["checkpoint"] == str(latest_checkpoint(a)) and res["n_slides"] == res["n_rows"] == 3
     assert res["classes"] == ["mutated", "wild-type"] and len(res["per_prompt_set"]) == 5
     rows = list(csv.DictReader(open(z / "zeroshot_probs.csv")))
     assert [r["label"] for r in rows] == ["wild-type", "mutated", "mutated"]
@@ -260,7 +266,7 @@ def test_example_config_trains_and_prints_zero_shot(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert "zero-shot (50 prompt sets, 7 slides" in out and "bacc" in out and "s.e.m." in out
+    assert "zero-shot (50 prompt sets, 7 pairs from 3 slides" in out and "bacc" in out and "s.e.m." in out
     log = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 4 and log[-1]["loss"] < log[0]["loss"]
     res = json.loads((tmp_path / "zeroshot.json").read_text())

@@ -24,8 +24,8 @@ def _config(slide: Path, **extra) -> dict:
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda c: c.update(tilr={"name": "otsu"}), r"^tilr: unknown key$"),
-        (lambda c: c["tile_encoder"].update(nme="x"), r"^tile_encoder\.nme: unknown key$"),
+        (lambda c: c.update(tilr={"name": "otsu"}), r"^tilr: unknown key; did you mean 'tiler'\?$"),
+        (lambda c: c["tile_encoder"].update(nme="x"), r"^tile_encoder\.nme: unknown key; did you mean 'name'\?$"),
         (lambda c: c["tile_encoder"].update(name="vit-huge-typo"),
          r"^tile_encoder\.name: unknown plugin or preset 'vit-huge-typo'; valid choices: .*dinov2-vits14"),
         (lambda c: c["tile_encoder"].update(batch_size="many"),
@@ -57,7 +57,8 @@ def test_missing_output_folder(example_slide):
 
 def test_dimension_mismatch_between_encoders_is_a_config_error(example_slide, tmp_path):
     cfg = _config(example_slide, slide_encoder={"name": "mean", "params": {"in_dim": 1536}})
-    with pytest.raises(ConfigError, match=r"^slide_encoder\.params: the tile encoder gives 384-d .* takes 1536-d"):
+    with pytest.raises(ConfigError, match=r"^slide_encoder\.params\.in_dim: 1536 does not match the 384-d embeddings "
+                                          r"of the tile encoder 'dinov2-vits14'"):
         gp.run(cfg, out=str(tmp_path))
 
 

@@ -164,7 +164,8 @@ def test_kill_9_of_the_whole_run_mid_slide_then_rerun(workdir):
 
     assert run(str(workdir / "cfg.yaml"), out=str(out)) == 0
     rows = {r["slide_id"]: r for r in _manifest(out)}
-    assert [rows[s]["status"] for s in ("s0", "s1", "s2")] == ["skipped", "ok", "ok"]
+    assert [rows[s]["status"] for s in ("s0", "s1", "s2")] == ["ok", "ok", "ok"]
+    assert [rows[s]["this_run"] for s in ("s0", "s1", "s2")] == ["skipped", "processed", "processed"]
     assert {p: p.stat().st_mtime_ns for p in (out / "s0").iterdir()} == done_before  # not recomputed
     for sid in ("s1", "s2"):  # same slide bytes as s0 -> same outputs
         for name in ("tiles.h5", "tile_embeddings.h5", "slide_embedding.h5"):

@@ -47,7 +47,7 @@ def test_bad_slide_files_fail_alone_and_a_non_ascii_path_works(tmp_path):
     assert tree(tmp_path, exclude=out) == before  # nothing outside OUT changed
     done = stamps(out / "tëst_スライド")
     assert gp.run(tiler_only(slides / "*.svs"), out=str(out)) == 1
-    assert manifest(out)["tëst_スライド"]["status"] == "skipped"
+    assert manifest(out)["tëst_スライド"]["this_run"] == "skipped"
     assert stamps(out / "tëst_スライド") == done  # finished work not redone
 
 
@@ -140,7 +140,7 @@ def test_status_json_that_is_a_folder_fails_that_slide_only(tmp_path):
     (out / "s1" / "status.json").rmdir()  # the user fixes it: only s1 is done now
     assert gp.run(tiler_only(*slides), out=str(out)) == 0
     rows = manifest(out)
-    assert [rows[f"s{i}"]["status"] for i in range(3)] == ["skipped", "ok", "skipped"]
+    assert [rows[f"s{i}"]["this_run"] for i in range(3)] == ["skipped", "processed", "skipped"]
     assert {s: stamps(out / s) for s in ("s0", "s2")} == done
 
 
@@ -157,10 +157,10 @@ def test_slide_replaced_after_success_is_redone_with_the_reason(tmp_path):
     rows = manifest(out)
     assert rows["a"]["status"] == "ok"
     assert rows["a"]["reason"] == f"redone: slide file changed since the last run (size {size} -> {size + 1000} bytes)"
-    assert rows["b"]["status"] == "skipped" and stamps(out / "b") == done_b
+    assert rows["b"]["this_run"] == "skipped" and stamps(out / "b") == done_b
     assert read_status(out / "a")["input"]["size"] == size + 1000
     assert gp.run(tiler_only(a, b), out=str(out)) == 0
-    assert manifest(out)["a"]["status"] == "skipped"  # and now it is done for the new file
+    assert manifest(out)["a"]["this_run"] == "skipped"  # and now it is done for the new file
 
 
 def test_output_deleted_after_success_is_redone_with_the_reason(tmp_path):
@@ -173,7 +173,7 @@ def test_output_deleted_after_success_is_redone_with_the_reason(tmp_path):
     rows = manifest(out)
     assert (rows["a"]["status"], rows["a"]["reason"]) == ("ok", "redone: output tiles.h5 is missing since the last run")
     assert (out / "a" / "tiles.h5").is_file()
-    assert rows["b"]["status"] == "skipped" and stamps(out / "b") == done_b
+    assert rows["b"]["this_run"] == "skipped" and stamps(out / "b") == done_b
 
 
 def test_marker_checks_size_mtime_and_the_end_hashes(tmp_path):
@@ -255,7 +255,7 @@ def test_output_folder_inside_the_input_glob_is_never_read_as_slides(tmp_path, c
     done = stamps(out / "a")
     with caplog.at_level("WARNING", logger="gigapath"):
         assert gp.run(cfg, out=str(out)) == 0
-    assert list(manifest(out)) == ["a"] and manifest(out)["a"]["status"] == "skipped"
+    assert list(manifest(out)) == ["a"] and manifest(out)["a"]["this_run"] == "skipped"
     assert stamps(out / "a") == done
     assert any("inputs.slides[0]: left out" in r.getMessage() and str(out) in r.getMessage() for r in caplog.records)
     with pytest.raises(ConfigError, match=r"^inputs\.slides\[0\]: .*thumbnail\.png is inside the output folder"):

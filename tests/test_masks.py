@@ -238,7 +238,7 @@ def test_pipeline_masks_folder_bad_mask_fails_that_slide_and_change_retiles(tmp_
     n_before = len(data["coords"])
 
     assert gp.run(cfg, out=str(out)) == 1
-    assert _rows(out)["CMU-1-Small-Region"]["status"] == "skipped"
+    assert _rows(out)["CMU-1-Small-Region"]["this_run"] == "skipped"
 
     doc = qupath_export()
     doc["features"] = doc["features"][:1]  # drop Stroma and the exclusions: more tiles

@@ -70,16 +70,24 @@ def test_output_contract(slide_folder, tmp_path):
 def test_rerun_redoes_only_the_failed_slide(slide_folder, example_slide, tmp_path):
     out = tmp_path / "out"
     assert gp.run(_cfg(slide_folder), out=str(out)) == 1
+    first = _manifest(out)
+    assert first["good"]["this_run"] == "processed" and first["corrupt"]["this_run"] == "failed"
     good_status = (out / "good" / "status.json").stat().st_mtime_ns
     good_emb = (out / "good" / "tile_embeddings.h5").stat().st_mtime_ns
     assert gp.run(_cfg(slide_folder), out=str(out)) == 1  # still corrupt
     rows = _manifest(out)
-    assert rows["good"]["status"] == "skipped" and rows["corrupt"]["status"] == "failed"
+    assert rows["good"]["this_run"] == "skipped" and rows["corrupt"]["status"] == "failed"
+    # the skipped slide keeps its real row: status, reason, reader, tiles, weights and the first run's timings
+    keep = ("status", "reason", "reader", "n_tiles", "weights", "seconds_tiling", "seconds_tile_encoder",
+            "seconds_total")
+    assert {k: rows["good"][k] for k in keep} == {k: first["good"][k] for k in keep}
+    assert rows["good"]["status"] == "ok" and float(rows["good"]["seconds_total"]) > 0
     assert (out / "good" / "status.json").stat().st_mtime_ns == good_status
     shutil.copy(example_slide, slide_folder / "corrupt.svs")  # the user fixes the file
     assert gp.run(_cfg(slide_folder), out=str(out)) == 0
     rows = _manifest(out)
-    assert rows["corrupt"]["status"] == "ok" and rows["good"]["status"] == "skipped"
+    assert rows["corrupt"]["status"] == "ok" and rows["corrupt"]["this_run"] == "processed"
+    assert rows["good"]["this_run"] == "skipped"
     assert (out / "good" / "tile_embeddings.h5").stat().st_mtime_ns == good_emb
 
 

@@ -76,7 +76,8 @@ def make_embed_folder(out: Path, n_ok: int = 3) -> Path:
                      "seconds_tile_encoder": 12.25, "seconds_total": 14.0 + i})
     rows.insert(1, {"slide_id": "bad", "slide_path": "/x/bad.svs", "status": "failed",
                     "reason": "/x/bad.svs: cannot open <slide> & friends", "error_type": "SlideOpenError"})
-    rows.append({"slide_id": "old", "status": "skipped", "reason": "done by an earlier run", "n_tiles": 3})
+    rows.append({"slide_id": "old", "status": "skipped", "reason": "done by an earlier run", "n_tiles": 3})  # pre-#12
+    rows.append({"slide_id": "again", "status": "ok", "n_tiles": 4, "seconds_total": 9.0, "this_run": "skipped"})
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "manifest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore")
@@ -97,10 +98,13 @@ def test_embed_report_rows_failed_first_columns_and_links(tmp_path):
     (table,) = [t for t in page.tables if t["id"] == "slides"]
     assert table["head"] == SLIDE_COLUMNS
     ids = [cells[1] for _, cells in table["rows"]]
-    assert ids == ["bad", "s0", "s1", "s2", "old"]  # failed first, then manifest order (skipped after ok)
+    assert ids == ["bad", "s0", "s1", "s2", "old", "again"]  # failed first, then manifest order
     status = [a["data-status"] for a, _ in table["rows"]]
-    assert status == ["failed", "ok", "ok", "ok", "skipped"]
+    assert status == ["failed", "ok", "ok", "ok", "skipped", "ok"]
     by_id = {cells[1]: dict(zip(SLIDE_COLUMNS, cells)) for _, cells in table["rows"]}
+    # a slide the last run skipped keeps its real status and timings, with a note (manifest column this_run)
+    assert by_id["again"]["status"] == "ok skipped by the last run" and by_id["again"]["total (s)"] == "9.0"
+    assert by_id["s0"]["status"] == "ok"
     assert by_id["bad"]["reason"] == "/x/bad.svs: cannot open <slide> & friends [SlideOpenError]"  # escaped
     assert by_id["s1"]["tiles"] == "20" and by_id["s1"]["mpp (µm/px)"] == "0.2271"
     assert by_id["s1"]["tile encoder (s)"] == "12.2" and by_id["s2"]["total (s)"] == "16.0"

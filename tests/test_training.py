@@ -3,6 +3,7 @@ random streams keyed to the micro-batch, lazily loaded micro-batches."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -79,6 +80,11 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path, make):
     tr = Trainer(m2, _cfg(checkpoint_every=3), tmp_path / "b", steps_per_epoch=12)
     tr.fit(_data, _step)
     assert tr.step == 18
+    # the crashed run logged step 10 after its checkpoint at step 9: the resumed run's log has each step once
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 19))
+    ref_log = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ref_log] == steps
     for k in init:
         torch.testing.assert_close(m2.state_dict()[k], ref.state_dict()[k], rtol=0, atol=0)
     if make is _with_dropout:  # the masks matter: another seed gives other weights from the same start

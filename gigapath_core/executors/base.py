@@ -122,5 +122,5 @@ def get_executor(name: str, **params: Any) -> Executor:
     except ValidationError as err:
         from ..config import pydantic_error
 
-        raise pydantic_error(err, prefix="executor.params") from None
+        raise pydantic_error(err, prefix="executor.params", model=cls.Params) from None
     return cls(**validated.model_dump())

@@ -78,8 +78,11 @@ def load_ablation_config(raw: dict, base: Path, out: str | None = None
         raw_v = absolutize_paths(raw_v, base)  # paths in the overrides are relative to the ablation file
         try:
             variants[name] = load_finetune_config(raw_v, base, out=str(Path(cfg.output) / name))
-        except ConfigError as err:
-            raise ConfigError(f"variants.{name}", str(err)) from None
+        except ConfigError as err:  # each problem keeps its own line, under the variant's key
+            from ..errors import ConfigErrors
+
+            raise ConfigErrors.of([ConfigError(f"variants.{name}", str(e))
+                                   for e in (err.errors if isinstance(err, ConfigErrors) else [err])]) from None
     return cfg, variants
 
 

@@ -84,16 +84,14 @@ def build_model(cfg: FinetuneConfig, data: FinetuneData) -> SlideClassifier:
     Raises ConfigError if a width set in the config disagrees with the data or the task.
     """
     from ..api import build, resolve
+    from ..widths import fill_input_width
 
     se_cfg, head_cfg = cfg.model.slide_encoder, cfg.model.head
     encoder = None
     if se_cfg is not None:
-        info, card = resolve("slide_encoder", se_cfg.name, cfg.registry)
-        params = dict(se_cfg.params)
-        preset_params = card.params if card else {}
-        for key in ("in_dim", "in_chans"):
-            if key in info.cls.Params.model_fields and key not in params and key not in preset_params:
-                params[key] = data.tile_dim
+        params = fill_input_width(se_cfg.name, se_cfg.params, data.tile_dim, registry=cfg.registry,
+                                  weights=se_cfg.weights, key_path="model.slide_encoder",
+                                  source="the tile embeddings")
         encoder = build("slide_encoder", se_cfg.name, weights=se_cfg.weights, registry=cfg.registry, **params)
         if encoder.in_dim != data.tile_dim:
             raise ConfigError("model.slide_encoder.params", f"the tile embeddings are {data.tile_dim}-d but the slide "

@@ -223,6 +223,12 @@ def _assemble(path: Path, fmt: str, features: np.ndarray, data: dict, root: dict
             raise FeatureFileError(path, "format_version 2 file without 'grid_coords'")
         tile_size = int(gattrs.get("tile_size", tile_size or units.TILE_SIZE))
         target_mpp = float(gattrs.get("target_mpp", target_mpp))
+        stride = int(gattrs.get("stride", tile_size))
+        if stride != tile_size:  # overlapping tiles (tiler.params.stride): no place on the slide encoders' grid
+            raise FeatureFileError(path, f"its tiles overlap (tiler stride {stride} px, tile_size {tile_size}): "
+                                         f"they have no cell of their own on the {tile_size}-px position grid a "
+                                         f"slide encoder takes; embed the slides again with stride = tile_size "
+                                         f"(docs/slides.md)")
         grid = data["grid_coords"]
         coords = np.asarray(raw, dtype=np.int64)
         level0_mpp = float(cattrs["level0_mpp"]) if "level0_mpp" in cattrs else level0_mpp

@@ -13,6 +13,7 @@ Outputs (``OUT`` = the job's output folder)::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -49,6 +50,28 @@ def build_objective(stage, registry=(), seed: int | None = None):
     if seed is not None:
         seed_everything(seed)
     return build("ssl_objective", stage.name, registry=registry, **stage.params)
+
+
+def fill_objective_width(stage, slides: dict[str, dict], registry=()) -> None:
+    """Fill ``objective.params.slide_encoder_params``' input width (:func:`gigapath_core.widths.fill_input_width`)
+    from the tile embeddings ``slides`` when every slide has the same width (else left to the objective's
+    own check). Raises ConfigError if a given width disagrees. ``stage`` is changed in place."""
+    from ..api import resolve
+    from ..widths import fill_input_width
+
+    dims = {int(v["features"].shape[1]) for v in slides.values()}
+    info, card = resolve("ssl_objective", stage.name, registry)
+    fields = info.cls.Params.model_fields
+    if len(dims) != 1 or "slide_encoder" not in fields or "slide_encoder_params" not in fields:
+        return
+    merged = {**(card.params if card else {}), **stage.params}
+    name = merged.get("slide_encoder", fields["slide_encoder"].default)
+    weights = merged.get("slide_encoder_weights", fields["slide_encoder_weights"].default
+                         if "slide_encoder_weights" in fields else None)
+    params = fill_input_width(name, merged.get("slide_encoder_params"), dims.pop(), registry=registry,
+                              weights=weights, key_path="objective.params.slide_encoder",
+                              source="the tile embeddings")
+    stage.params = {**stage.params, "slide_encoder_params": params}
 
 
 def _check_data(objective, job: str, data: str) -> None:
@@ -148,6 +171,7 @@ def run_mae_slide(raw: dict, base: Path, out: str | None, options: dict) -> int:
     """Masked-autoencoder pretraining of a slide encoder on tile embeddings."""
     cfg = load_job_config(raw, base, out)
     slides = resolve_embeddings(cfg.embeddings, base, cfg.output)
+    fill_objective_width(cfg.objective, slides, cfg.registry)
     objective = build_objective(cfg.objective, cfg.registry, cfg.train.seed)
     _check_data(objective, "mae_slide", "slides")
     dims = {v["features"].shape[1] for v in slides.values()}
@@ -193,6 +217,7 @@ def run_clip(raw: dict, base: Path, out: str | None, options: dict) -> int:
     train_pairs, held = _holdout(pairs, cfg.holdout_fraction, cfg.train.seed)
     if len(train_pairs) < 2:
         raise ConfigError("pairs", f"contrastive training needs >= 2 training pairs, got {len(train_pairs)}")
+    fill_objective_width(cfg.objective, slides, cfg.registry)
     objective = build_objective(cfg.objective, cfg.registry, cfg.train.seed)
     _check_data(objective, "clip", "pairs")
     console.print(
@@ -226,21 +251,49 @@ def run_zeroshot(raw: dict, base: Path, out: str | None, options: dict) -> int:
     if not spec_file.is_file() or ckpt is None:
         raise ConfigError("clip", f"{clip_dir} is not a trained clip output ({OBJECTIVE_FILE} + checkpoints/ needed)")
     spec = json.loads(spec_file.read_text())
-    objective = build_objective(StageConfig(name=spec["name"], params=spec["params"]), spec.get("registry", []))
+    with _no_random_weights_warning():  # the trained checkpoint replaces every weight just below
+        objective = build_objective(StageConfig(name=spec["name"], params=spec["params"]), spec.get("registry", []))
     _check_data(objective, "zeroshot", "pairs")
     from safetensors.torch import load_model
 
     load_model(objective, str(ckpt / "model.safetensors"), strict=True)
+    for tower in ("slide_encoder", "text_encoder"):
+        if hasattr(getattr(objective, tower, None), "weights_source"):
+            getattr(objective, tower).weights_source = f"clip checkpoint {ckpt}"
     objective.to(resolve_device(cfg.device))
     slides = resolve_embeddings(cfg.embeddings, base, cfg.output)
     rows = load_pairs(cfg.labels, slides, None, require_text=False)
-    console.print(f"zeroshot: {len(rows)} labelled slide(s), checkpoint {ckpt}")
-    evaluate_zero_shot(objective, rows, cfg.zeroshot, Path(cfg.output))
+    console.print(f"zeroshot: {_count(rows)} labelled, weights: trained clip checkpoint {ckpt}")
+    evaluate_zero_shot(objective, rows, cfg.zeroshot, Path(cfg.output), checkpoint=ckpt)
     return 0
 
 
-def evaluate_zero_shot(objective, rows: list[dict], zcfg, out: Path) -> dict:
-    """MI-Zero evaluation of a CLIP objective on labelled rows; writes zeroshot.json / zeroshot_probs.csv."""
+def _count(rows: list[dict]) -> str:
+    """``"7 pairs from 3 slides"`` (several rows of a slide: regions or reports), or ``"3 slides"``."""
+    n_slides = len({r["slide_id"] for r in rows})
+    return f"{n_slides} slides" if n_slides == len(rows) else f"{len(rows)} pairs from {n_slides} slides"
+
+
+@contextlib.contextmanager
+def _no_random_weights_warning():
+    """Drop the "weights: random (not pretrained)" warnings of models whose weights are loaded right after."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "weights: random (not pretrained)" not in record.getMessage()
+
+    target = logging.getLogger("gigapath")
+    target.addFilter(keep)
+    try:
+        yield
+    finally:
+        target.removeFilter(keep)
+
+
+def evaluate_zero_shot(objective, rows: list[dict], zcfg, out: Path, checkpoint: Path | None = None) -> dict:
+    """MI-Zero evaluation of a CLIP objective on labelled rows; writes zeroshot.json / zeroshot_probs.csv.
+
+    ``checkpoint``: the checkpoint folder the objective's weights came from, recorded in ``zeroshot.json``
+    (``checkpoint``); None records the clip run's own last checkpoint under ``out`` if there is one."""
     from ..zeroshot import DEFAULT_TEMPLATES, mutation_classes, zero_shot
 
     classes = zcfg.classes or mutation_classes(zcfg.mutation.gene, zcfg.mutation.cancer, zcfg.mutation.labels)
@@ -269,8 +322,14 @@ def evaluate_zero_shot(objective, rows: list[dict], zcfg, out: Path) -> dict:
         scale,
         zcfg.average,
     )
+    if checkpoint is None:
+        from ..training import latest_checkpoint
+
+        checkpoint = latest_checkpoint(out)
     summary = {
-        "n_slides": len(rows),
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+        "n_slides": len({r["slide_id"] for r in rows}),
+        "n_rows": len(rows),
         "n_prompt_sets": zcfg.n_prompt_sets,
         "classes": res.labels,
         "logit_scale": scale,
@@ -286,7 +345,7 @@ def evaluate_zero_shot(objective, rows: list[dict], zcfg, out: Path) -> dict:
         region = "" if r["region"] is None else " ".join(f"{v:g}" for v in r["region"])
         w.writerow([r["slide_id"], region, r["label"], res.labels[int(p.argmax())], *[f"{v:.6f}" for v in p]])
     write_bytes(out / "zeroshot_probs.csv", buf.getvalue().encode())
-    console.print(f"zero-shot ({zcfg.n_prompt_sets} prompt sets, {len(rows)} slides, classes {', '.join(res.labels)}):")
+    console.print(f"zero-shot ({zcfg.n_prompt_sets} prompt sets, {_count(rows)}, classes {', '.join(res.labels)}):")
     for m, v in res.summary.items():
         console.print(f"  {m:9s} {v['mean']:.3f} ± {v['sem']:.3f} (s.e.m.)")
     console.print(f"-> {out / 'zeroshot.json'}, {out / 'zeroshot_probs.csv'}")

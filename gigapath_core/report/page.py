@@ -85,8 +85,10 @@ def _slide_tr(r: SlideRow) -> str:
     secs = "".join(f'<td class="num" data-sort="{_e(r.seconds.get(k, ""))}">{_num(r.seconds.get(k, ""))}</td>'
                    for k in STAGE_SECONDS)
     reason = r.reason + (f" [{r.error_type}]" if r.error_type else "")
+    # a finished slide a re-run skipped keeps its real row; say so beside its status (manifest column this_run)
+    run_note = ' <small class="this-run">skipped by the last run</small>' if r.this_run == "skipped" else ""
     return (f'<tr data-status="{_e(r.status)}"><td>{thumb}</td><td class="slide">{_e(r.slide_id)}</td>'
-            f'<td data-sort="{_e(r.status)}"><span class="st st-{_e(r.status)}">{_e(r.status)}</span></td>'
+            f'<td data-sort="{_e(r.status)}"><span class="st st-{_e(r.status)}">{_e(r.status)}</span>{run_note}</td>'
             f'<td class="reason">{_e(reason)}</td><td class="num">{_e(r.n_tiles)}</td><td>{_e(r.reader)}</td>'
             f'<td class="num">{_e(r.mpp)}</td><td class="weights">{_e(r.weights)}</td>{secs}'
             f'<td class="links">{links}</td></tr>')

@@ -12,7 +12,8 @@ from typing import Any
 
 from .images import data_uri
 
-#: row order: failed, then unfinished (locked, pending), then the rest (ok, skipped) in manifest order
+#: row order: failed, then unfinished (locked, pending), then the rest (ok; skipped in manifests before this_run) in
+#: manifest order
 STATUS_ORDER = {"failed": 0, "locked": 1, "pending": 1}
 STAGE_SECONDS = ("seconds_tiling", "seconds_tile_encoder", "seconds_slide_encoder", "seconds_total")
 
@@ -31,6 +32,7 @@ class SlideRow:
     thumbnail: str | None = None
     links: list[tuple[str, str]] = field(default_factory=list)  # (label, relative href)
     preview: tuple[str, str] | None = None  # (data URI of the first heatmap, relative href)
+    this_run: str = ""  # manifest column: processed | skipped | failed | locked (what the last run did)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -86,7 +88,7 @@ def slide_rows(out_dir: Path, thumb_px: int = 120) -> list[SlideRow]:
         row = SlideRow(sid, r.get("status", ""), r.get("reason", ""), r.get("error_type", ""), r.get("n_tiles", ""),
                        r.get("reader", ""), _mpp(sdir), r.get("weights", ""),
                        {k: r.get(k, "") for k in STAGE_SECONDS},
-                       data_uri(sdir / "thumbnail.png", thumb_px) if sid else None)
+                       data_uri(sdir / "thumbnail.png", thumb_px) if sid else None, this_run=r.get("this_run", ""))
         for hdir in maps:
             hs = hdir / sid
             tag = "" if len(maps) == 1 else f" ({hdir.name})"

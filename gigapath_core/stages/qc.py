@@ -26,15 +26,23 @@ def outline_width(shape: tuple[int, ...]) -> int:
     return max(1, round(max(shape[:2]) / 512))
 
 
-def cell_occupancy(mask: np.ndarray, side_px: tuple[float, float], n_cols: int, n_rows: int) -> np.ndarray:
+def cell_occupancy(mask: np.ndarray, side_px: tuple[float, float], n_cols: int, n_rows: int,
+                   step_px: tuple[float, float] | None = None) -> np.ndarray:
     """(n_rows, n_cols) float tissue fraction of each grid cell measured on ``mask`` (h, w) bool, whose cells are
-    ``side_px`` = (w, h) mask px; a summed-area table makes it one pass over the mask."""
+    ``side_px`` = (w, h) mask px, one every ``step_px`` (default ``side_px``: adjacent; a tiler ``stride``);
+    a summed-area table makes it one pass over the mask."""
     sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.float64)
     sat[1:, 1:] = mask.astype(np.float64).cumsum(0).cumsum(1)
-    xs = np.clip(np.rint(np.arange(n_cols + 1) * side_px[0]).astype(int), 0, mask.shape[1])
-    ys = np.clip(np.rint(np.arange(n_rows + 1) * side_px[1]).astype(int), 0, mask.shape[0])
-    area = np.maximum(np.diff(ys)[:, None] * np.diff(xs)[None, :], 1)
-    total = sat[ys[1:]][:, xs[1:]] - sat[ys[:-1]][:, xs[1:]] - sat[ys[1:]][:, xs[:-1]] + sat[ys[:-1]][:, xs[:-1]]
+    step = step_px or side_px
+
+    def edges(n: int, k: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        start = np.arange(n) * step[k]
+        return (np.clip(np.rint(start).astype(int), 0, limit), np.clip(np.rint(start + side_px[k]).astype(int), 0, limit))
+
+    x0, x1 = edges(n_cols, 0, mask.shape[1])
+    y0, y1 = edges(n_rows, 1, mask.shape[0])
+    area = np.maximum((y1 - y0)[:, None] * (x1 - x0)[None, :], 1)
+    total = sat[y1][:, x1] - sat[y0][:, x1] - sat[y1][:, x0] + sat[y0][:, x0]
     return total / area
 
 
@@ -46,8 +54,10 @@ def rejected_cells(grid: TileGrid, ds: tuple[float, float]) -> np.ndarray:
     n_rows = int(grid.info.get("grid_rows", grid.tissue_mask.shape[0] // max(side[1], 1e-9)))
     if n_cols <= 0 or n_rows <= 0:
         return np.zeros((0, 2), np.int64)
-    some = cell_occupancy(grid.tissue_mask, side, n_cols, n_rows) > 0
-    kept = (np.asarray(grid.grid_coords).reshape(-1, 2) // grid.tile_size).astype(np.int64)
+    stride = int(grid.info.get("stride", grid.tile_size))  # grid px between neighbouring tiles
+    step = (side[0] * stride / grid.tile_size, side[1] * stride / grid.tile_size)
+    some = cell_occupancy(grid.tissue_mask, side, n_cols, n_rows, step) > 0
+    kept = (np.asarray(grid.grid_coords).reshape(-1, 2) // stride).astype(np.int64)
     inside = (kept[:, 0] < n_cols) & (kept[:, 1] < n_rows)
     some[kept[inside, 1], kept[inside, 0]] = False
     rows, cols = np.nonzero(some)
@@ -142,8 +152,9 @@ def qc_thumbnail(grid: TileGrid, ds: tuple[float, float], annotations=None, lege
     side_y = grid.tile_size * grid.target_mpp / grid.source_mpp[1] / dsy
     box_width = max(1, width // 2)
     rejected = rejected_cells(grid, ds)
+    stride = int(grid.info.get("stride", grid.tile_size)) / grid.tile_size  # cell step / tile side
     for c, r in rejected:  # first, so kept tiles and outlines draw over them
-        x0, y0 = c * side_x, r * side_y
+        x0, y0 = c * side_x * stride, r * side_y * stride
         draw.rectangle([x0, y0, x0 + side_x, y0 + side_y], outline=REJECTED_RGB, width=1)
 
     def ring_line(xy: np.ndarray, colour) -> None:

@@ -43,7 +43,8 @@ def encode_slide(encoder: SlideEncoder, features: np.ndarray, coords: np.ndarray
         raise ConfigError(
             "slide_encoder.params",
             f"tile embeddings are {features.shape[-1] if features.ndim else '?'}-d but the slide encoder takes "
-            f"{encoder.in_dim}-d (set its in_chans/in_dim to match the tile encoder)",
+            f"{encoder.in_dim}-d (leave its {getattr(encoder, 'input_width_param', None) or 'input width'} out "
+            "of the config to fill it in from the tile embeddings)",
         )
     if coords.shape != (features.shape[0], 2):
         raise ConfigError("coords", f"expected ({features.shape[0]}, 2) tile coordinates, got {coords.shape}")

@@ -209,4 +209,7 @@ def tile_coords_attrs(grid: TileGrid, name: str, level_downsamples: list[float])
     ds = level_downsamples[level] if level < len(level_downsamples) else 1.0
     return {"coords": coords_attrs(float(grid.source_mpp[0]), target_mpp=float(grid.target_mpp),
                                    tile_size=int(grid.tile_size), name=name, patch_level=level, downsample=ds),
-            "grid_coords": grid_coords_attrs(target_mpp=float(grid.target_mpp), tile_size=int(grid.tile_size))}
+            "grid_coords": {**grid_coords_attrs(target_mpp=float(grid.target_mpp), tile_size=int(grid.tile_size)),
+                            # overlapping tiles (tiler stride): grid_coords are multiples of the stride
+                            **({"stride": int(grid.info["stride"])}
+                               if int(grid.info.get("stride", grid.tile_size)) != int(grid.tile_size) else {})}}

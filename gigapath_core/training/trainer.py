@@ -164,12 +164,33 @@ class Trainer:
             with open(self.out_dir / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def _trim_log(self) -> None:
+        """Drop the rows of ``train_log.jsonl`` past the resume point (``step > self.step``: logged by a run
+        that stopped before its next checkpoint, and logged again now), so each step appears once."""
+        path = self.out_dir / "train_log.jsonl"
+        if not is_main_process() or not path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                ok = int(json.loads(line)["step"]) <= self.step
+            except (ValueError, KeyError, TypeError):
+                ok = False  # a line cut by a crash
+            kept.append(line) if ok else None
+            dropped += not ok
+        if dropped:
+            from ..store import write_bytes
+
+            write_bytes(path, "".join(x + "\n" for x in kept).encode())
+            log.info("train_log.jsonl: dropped %d row(s) past the resume point (step %d)", dropped, self.step)
+
     def fit(self, batches: Callable[[int], Iterable[Any]], step_fn: Callable[[nn.Module, Any], dict]) -> list[dict]:
         """Train until ``epochs`` or ``max_steps``; resumes automatically. Returns the per-step log rows."""
         from ..progress import make_progress
 
         seed_everything(self.cfg.seed)
         self.resume()
+        self._trim_log()
         distributed.barrier()  # every rank has read the checkpoint before rank 0 may rotate it
         accum, stride, per_epoch = self._accum, self._stride, self.steps_per_epoch
         self.train_model.train()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 
 import numpy as np
 
@@ -32,12 +33,17 @@ INSTALL_HINT = ("pip install --no-deps tiatoolbox==2.1.3 && pip install opencv-p
 
 @contextlib.contextmanager
 def _quiet():
-    """tiatoolbox logs a WARNING for every missing metadata field; keep them out of our progress output."""
+    """tiatoolbox logs a WARNING for every missing metadata field; keep them out of our progress output. Its
+    ``import`` also leaves a file open (tiatoolbox 2.1.3 ``tiatoolbox/__init__.py`` ``read_registry_files``:
+    ``Path.open`` without ``close``), a ``ResourceWarning`` at every first use that is not ours to fix: the
+    warning is ignored for that module only."""
     logger = logging.getLogger("tiatoolbox")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=ResourceWarning, message=r"unclosed file .*tiatoolbox")
+            yield
     finally:
         logger.setLevel(level)
 

@@ -12,7 +12,10 @@ CLAM/HIPT practice).
    never below ``min_threshold`` so that a blank slide gives no tissue; optional hole filling; 8-connected
    components smaller than ``min_area_um2`` (default 1,000 µm², see the Params) are removed, and with
    ``fill_holes: false`` holes smaller than it are filled.
-3. Grid: ``tile_size`` px at ``target_mpp`` from the slide origin; only whole tiles inside the slide. A tile is
+3. Grid: ``tile_size`` px at ``target_mpp`` every ``stride`` px (default ``tile_size``: no overlap) from the
+   slide origin; only whole tiles inside the slide (``edge_tiles: drop``, the default) or also the tiles cut
+   by the right/bottom edge, padded with white (``edge_tiles: pad``; the bundled CMU-1-Small-Region's bottom
+   145-px strip of tissue is tiled only then). A tile is
    kept when its *occupancy* (area fraction covered by the mask, integrated exactly over the fractional mask
    pixels it covers) is >= ``min_occupancy``. Kept tiles are listed row-major (grid row, then column).
    With an annotation mask (:mod:`gigapath_core.masks`) the occupancy is the fraction of the tile inside
@@ -159,21 +162,47 @@ def _integral_at(integral: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.nda
     return a * (1 - fy) * (1 - fx) + b * (1 - fy) * fx + c * fy * (1 - fx) + d * fy * fx
 
 
-def occupancy_grid(mask: np.ndarray, n_cols: int, n_rows: int, tile_mask_px: tuple[float, float]) -> np.ndarray:
+def occupancy_grid(mask: np.ndarray, n_cols: int, n_rows: int, tile_mask_px: tuple[float, float],
+                   step_mask_px: tuple[float, float] | None = None) -> np.ndarray:
     """(n_rows, n_cols) float32 fraction of each grid cell covered by ``mask``.
 
     Args:
         mask: (h, w) bool tissue mask; mask pixel (i, j) covers [j, j+1) x [i, i+1) in mask px.
         tile_mask_px: (width, height) of one grid cell in mask px (fractional), cells start at (0, 0).
+        step_mask_px: (x, y) distance between neighbouring cells' corners in mask px; None = ``tile_mask_px``
+            (adjacent cells). A cell reaching past the mask (an edge tile) counts the part outside as no tissue.
     """
     if n_cols <= 0 or n_rows <= 0:
         return np.zeros((max(n_rows, 0), max(n_cols, 0)), np.float32)
     integral = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    xs = np.arange(n_cols + 1) * float(tile_mask_px[0])
-    ys = np.arange(n_rows + 1) * float(tile_mask_px[1])
-    s = _integral_at(integral, ys, xs)
-    cell = s[1:, 1:] - s[:-1, 1:] - s[1:, :-1] + s[:-1, :-1]
+    if step_mask_px is None or tuple(step_mask_px) == tuple(tile_mask_px):
+        xs = np.arange(n_cols + 1) * float(tile_mask_px[0])
+        ys = np.arange(n_rows + 1) * float(tile_mask_px[1])
+        s = _integral_at(integral, ys, xs)
+        cell = s[1:, 1:] - s[:-1, 1:] - s[1:, :-1] + s[:-1, :-1]
+    else:  # overlapping (or spaced) cells: corners at k * step and k * step + size
+        x0 = np.arange(n_cols) * float(step_mask_px[0])
+        y0 = np.arange(n_rows) * float(step_mask_px[1])
+        x1, y1 = x0 + float(tile_mask_px[0]), y0 + float(tile_mask_px[1])
+        cell = (_integral_at(integral, y1, x1) - _integral_at(integral, y0, x1) - _integral_at(integral, y1, x0)
+                + _integral_at(integral, y0, x0))
     return np.clip(cell / (tile_mask_px[0] * tile_mask_px[1]), 0.0, 1.0).astype(np.float32)
+
+
+def grid_shape(size0: tuple[int, int], side0: tuple[float, float], step0: tuple[float, float],
+               edge_tiles: str) -> tuple[int, int]:
+    """(n_cols, n_rows) of the tile grid on a level-0 image of ``size0`` (w, h) px, tiles of ``side0`` level-0
+    px every ``step0`` px from the origin: ``drop`` keeps tiles wholly inside the image, ``pad`` every tile whose
+    top-left corner is inside it (its part past the edge is read as white)."""
+    out = []
+    for n0, side, step in zip(size0, side0, step0):
+        if edge_tiles == "pad":
+            out.append(int(math.ceil(n0 / step - 1e-9)))
+        elif side == step:
+            out.append(int(n0 // side))  # the historical formula (no overlap): unchanged grids
+        else:
+            out.append(int(math.floor((n0 - side) / step + 1e-9)) + 1 if n0 >= side else 0)
+    return out[0], out[1]
 
 
 def read_size_for_level(side0: float, downsample: float, tile_size: int, tolerance: float) -> int:
@@ -217,6 +246,12 @@ class OtsuTiler(Tiler):
             "antialiased) or area (mean of each k x k block when read_size = k x tile_size, e.g. a 0.25-µm/px "
             "scan read at 512 px: ~1.5x faster reads; box filter otherwise). area changes pixels slightly: "
             "docs/benchmarks.md gives the measured embedding difference")
+        stride: int | None = Field(None, ge=16, description="grid step in px at target_mpp; None = tile_size (no "
+                                   "overlap). Another stride gives tiles the slide encoders' position grid cannot "
+                                   "hold: a config with a slide_encoder refuses it (docs/slides.md)")
+        edge_tiles: Literal["drop", "pad"] = Field(
+            "drop", description="tiles cut by the slide's right/bottom edge: drop them, or keep them padded with "
+                                "white to the full tile (their occupancy counts the padding as no tissue)")
 
     def __init__(self, **params):
         self.p = self.Params(**params)
@@ -259,27 +294,30 @@ class OtsuTiler(Tiler):
         min_area_px = p.min_area_um2 / (ds[0] * mpp[0] * ds[1] * mpp[1])
         pool = max(1, int(SPECK_GRID_UM // (ds[0] * mpp[0])))
         mask, thr = tissue_mask(thumb, p.method, p.median_size, p.fill_holes, min_area_px, p.min_threshold, pool)
-        n_cols, n_rows = int(w0 // side0[0]), int(h0 // side0[1])
-        occ = occupancy_grid(mask, n_cols, n_rows, (side0[0] / ds[0], side0[1] / ds[1]))
+        stride = p.stride or p.tile_size
+        step0 = (stride * p.target_mpp / mpp[0], stride * p.target_mpp / mpp[1])
+        n_cols, n_rows = grid_shape((w0, h0), side0, step0, p.edge_tiles)
+        occ = occupancy_grid(mask, n_cols, n_rows, (side0[0] / ds[0], side0[1] / ds[1]),
+                             (step0[0] / ds[0], step0[1] / ds[1]))
         mode = "none"
         if annotations is not None:
             mode = annotations.mode
             if mode == "replace":  # only cells within the region's bounding box can be inside it
                 bx0, by0, bx1, by1 = annotations.region.bounds
-                near = np.zeros((n_rows, n_cols), bool)
-                near[max(0, int(by0 // side0[1])):int(by1 // side0[1]) + 1,
-                     max(0, int(bx0 // side0[0])):int(bx1 // side0[0]) + 1] = True
-                occ = region_occupancy(annotations.region, n_cols, n_rows, side0, near)
+                near = np.zeros((n_rows, n_cols), bool)  # cells [k * step, k * step + side) meeting the box
+                near[max(0, int(math.ceil((by0 - side0[1]) / step0[1]))):int(by1 // step0[1]) + 1,
+                     max(0, int(math.ceil((bx0 - side0[0]) / step0[0]))):int(bx1 // step0[0]) + 1] = True
+                occ = region_occupancy(annotations.region, n_cols, n_rows, side0, near, step0=step0)
             else:
                 occ = region_occupancy(annotations.region, n_cols, n_rows, side0, occ >= p.min_occupancy,
-                                       tissue=mask, mask_ds=ds, tissue_occ=occ)
+                                       tissue=mask, mask_ds=ds, tissue_occ=occ, step0=step0)
         rows, cols = np.nonzero(occ >= p.min_occupancy)  # C-order scan: row-major
         index = np.stack([cols, rows], 1).astype(np.int64).reshape(-1, 2)
         level = best_level_for_mpp(wsi.level_downsamples, mpp[0], p.target_mpp)
         read_size = read_size_for_level(side0[0], wsi.level_downsamples[level], p.tile_size, p.resample_tolerance)
         return TileGrid(
-            coords=grid_index_to_level0(index, p.tile_size, p.target_mpp, mpp),
-            grid_coords=grid_index_to_grid_px(index, p.tile_size),
+            coords=grid_index_to_level0(index, stride, p.target_mpp, mpp),
+            grid_coords=grid_index_to_grid_px(index, stride),
             occupancy=occ[rows, cols].astype(np.float32),
             tile_size=p.tile_size, target_mpp=p.target_mpp, source_mpp=mpp, level=level, read_size=read_size,
             tissue_mask=mask, mask_downsample=float(ds[0]), thumbnail=thumb,
@@ -289,7 +327,8 @@ class OtsuTiler(Tiler):
                   "mask_px_per_tile": float(min(side0[0] / ds[0], side0[1] / ds[1])),
                   "thumbnail_level": int(thumb_level), "thumbnail_decode_px": int(decode_px),
                   "min_area_um2": p.min_area_um2, "mask_mode": mode,
-                  "resampled": read_size != p.tile_size, "mpp_source": "override" if override else "metadata"},
+                  "resampled": read_size != p.tile_size, "mpp_source": "override" if override else "metadata",
+                  "stride": int(stride), "edge_tiles": p.edge_tiles},
         )
 
 

@@ -157,6 +157,9 @@ class LongNetSlideEncoder(SlideEncoder):
     """Prov-GigaPath LongNet slide encoder (dilated attention over all tiles; checkpoint-compatible)."""
 
     name = "longnet"
+    #: Prov-GigaPath's own name for Din (``slide_encoder.pth`` and its timm-style constructor), kept for
+    #: checkpoint and config compatibility
+    input_width_param = "in_chans"
 
     class Params(PluginParams):
         in_chans: int = Field(1536, ge=1, description="width of the tile embeddings (Din)")

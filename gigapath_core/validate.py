@@ -1,0 +1,145 @@
+"""``gigapath validate CONFIG``: check a config of any job the way ``gigapath run`` does before its first step
+(keys, types, plugin and preset names, parameters, paths, inputs), and describe what a run would do, without
+running or writing anything (issue #12 item 4).
+
+The checks are the jobs' own config loaders (:func:`gigapath_core.config.load_pipeline_config`,
+:func:`gigapath_core.finetune.config.load_finetune_config`, ...), so ``validate`` accepts exactly the configs
+``run`` starts. Models are not built (weights are neither downloaded nor read); a slide file is only checked to
+exist (opening it is the run's first step, and a bad slide fails alone there).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from .config import apply_overrides, load_raw
+from .errors import ConfigError
+
+
+def _stage(kind: str, stage: Any) -> str:
+    if stage is None:
+        return ""
+    params = ", ".join(f"{k}: {v}" for k, v in sorted(stage.params.items()))
+    weights = getattr(stage, "weights", None)
+    return (f"{kind} {stage.name}" + (f" {{{params}}}" if params else "")
+            + (f" (weights: {weights})" if weights is not None else ""))
+
+
+def _csv_rows(path: str | Path) -> int | None:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return sum(1 for _ in csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+
+
+def _plan_embed(raw: dict, base: Path, out: str | None) -> dict:
+    from .config import load_pipeline_config
+
+    cfg, slides = load_pipeline_config(raw, base, out)
+    stages = [_stage("tiler", cfg.tiler)] if not cfg.inputs.features else [f"features from {cfg.inputs.features}"]
+    stages += [s for s in (_stage("tile_encoder", cfg.tile_encoder), _stage("slide_encoder", cfg.slide_encoder)) if s]
+    what = "feature files" if cfg.inputs.features else "slides"
+    return {"output": cfg.output, "inputs": f"{len(slides)} {what} (first: {slides[0].slide_id})".replace("1 slides", "1 slide"), "stages": stages}
+
+
+def _plan_finetune(raw: dict, base: Path, out: str | None) -> dict:
+    from .finetune.config import load_finetune_config
+
+    cfg = load_finetune_config(raw, base, out)
+    n = _csv_rows(cfg.data.labels)
+    stages = [s for s in (_stage("slide_encoder", cfg.model.slide_encoder), _stage("head", cfg.model.head)) if s]
+    return {"output": cfg.output, "inputs": f"{n} labelled rows in {cfg.data.labels}; embeddings "
+            f"{', '.join(cfg.data.embeddings)}", "stages": stages + [f"{cfg.folds.k} folds"]}
+
+
+def _plan_ablation(raw: dict, base: Path, out: str | None) -> dict:
+    from .finetune.ablation import load_ablation_config
+
+    cfg, variants = load_ablation_config(raw, base, out)
+    return {"output": cfg.output, "inputs": f"{len(variants)} variants of one finetune config",
+            "stages": [f"variant {name}: " + ", ".join(s for s in (_stage("slide_encoder", v.model.slide_encoder),
+                                                                    _stage("head", v.model.head)) if s)
+                       for name, v in variants.items()]}
+
+
+def _plan_pretrain(raw: dict, base: Path, out: str | None) -> dict:
+    from .config import collect_slides
+    from .pretrain.config import load_job_config
+
+    cfg = load_job_config(raw, base, out)
+    inputs = []
+    if getattr(cfg, "inputs", None) is not None:
+        inputs.append(f"{len(collect_slides(cfg.inputs, base))} slides")
+    emb = getattr(cfg, "embeddings", None)
+    if emb is not None:
+        inputs.append("tile embeddings from " + (emb.dir or ", ".join(emb.files) if emb.embed is None
+                                                 else "an embed job run first"))
+    for key in ("pairs", "labels", "clip"):
+        if getattr(cfg, key, None):
+            n = _csv_rows(getattr(cfg, key)) if key != "clip" else None
+            inputs.append(f"{key}: {getattr(cfg, key)}" + (f" ({n} rows)" if n is not None else ""))
+    objective = getattr(cfg, "objective", None)
+    stages = [_stage("objective", objective)] if objective is not None else []
+    train = getattr(cfg, "train", None)
+    if train is not None:
+        stages.append(f"train: max_steps {train.max_steps}, epochs {train.epochs}, device {train.device}")
+    return {"output": cfg.output, "inputs": "; ".join(inputs), "stages": stages}
+
+
+def _plan_clean_reports(raw: dict, base: Path, out: str | None) -> dict:
+    from .api import validate_stage
+    from .config import parse_model, resolve_output
+    from .reports.job import CleanReportsConfig, resolve_cleaner_paths
+
+    cfg = parse_model(CleanReportsConfig, raw)
+    resolve_output(cfg, base, out)
+    reports = Path(cfg.reports) if Path(cfg.reports).is_absolute() else (base / cfg.reports).resolve()
+    if not reports.is_file():
+        raise ConfigError("reports", f"not found: {reports}")
+    registry = [str((base / r).resolve()) for r in cfg.registry]
+    for i, st in enumerate(cfg.cleaners):
+        validate_stage("report_cleaner", st.name, resolve_cleaner_paths(st.params, base), registry, f"cleaners[{i}]")
+    return {"output": cfg.output, "inputs": f"{_csv_rows(reports)} reports in {reports}",
+            "stages": [_stage("cleaner", st) for st in cfg.cleaners]}
+
+
+PLANNERS = {"embed": _plan_embed, "finetune": _plan_finetune, "ablation": _plan_ablation,
+            "dinov2": _plan_pretrain, "mae_slide": _plan_pretrain, "clip": _plan_pretrain, "zeroshot": _plan_pretrain,
+            "clean_reports": _plan_clean_reports}
+
+
+def validate(config: str | Path | dict, out: str | None = None, sets: list[str] = ()) -> dict:
+    """Check ``config`` (a YAML path or a mapping, with ``--set`` overrides) as ``run`` would, and return the
+    plan: ``{"job", "output", "inputs", "stages"}``. Nothing is run or written.
+
+    Raises:
+        ConfigError: every problem found (:class:`~gigapath_core.errors.ConfigErrors` for several), with key
+            paths and "did you mean" suggestions for misspelt keys and names.
+    """
+    from .jobs import JOBS
+    from .suggest import did_you_mean
+
+    if isinstance(config, dict):
+        raw, base = dict(config), Path.cwd()
+    else:
+        raw, base = load_raw(config), Path(config).resolve().parent
+    raw = apply_overrides(raw, list(sets))
+    job = raw.get("job", "embed")
+    if job not in JOBS:
+        raise ConfigError("job", f"unknown job {job!r}; valid choices: {', '.join(sorted(JOBS))}"
+                                 f"{did_you_mean(str(job), JOBS)}")
+    planner = PLANNERS.get(job)
+    if planner is None:  # a job registered by a plugin without a planner: its run would check it
+        raise ConfigError("job", f"job {job!r} has no validate-only check; run it to check its config")
+    return {"job": job, **planner(raw, base, out)}
+
+
+def format_plan(plan: dict) -> str:
+    """The plan as a few lines for the terminal."""
+    lines = [f"config OK: job {plan['job']}", f"  inputs: {plan['inputs']}"]
+    lines += ["  stages:"] + [f"    {s}" for s in plan["stages"]]
+    lines += [f"  output: {plan['output']}", "nothing was run or written (gigapath run CONFIG starts it)"]
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""`gigapath validate`, every config error in one report with "did you mean", quiet third-party logs (issue #12
+item 4)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gigapath_core.config import load_pipeline_config
+from gigapath_core.errors import ConfigError, ConfigErrors
+from gigapath_core.validate import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "GIGAPATH_PROGRESS": "0", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "gigapath_core.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=120)
+
+
+def test_validate_quickstart_prints_the_plan_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    proc = _cli("validate", str(ROOT / "examples" / "quickstart.yaml"), "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan == {"job": "embed", "output": str(out), "inputs": "1 slide (first: CMU-1-Small-Region)",
+                    "stages": ["tiler otsu", "tile_encoder dinov2-vits14 (weights: random)",
+                               "slide_encoder prov-gigapath {in_chans: 384} (weights: random)"]}
+    assert not out.exists()  # nothing written
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_reports_every_error_with_did_you_mean(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("input: {slides: [a.svs]}\ntile_encoder: {name: dinov2-vits14, batchsize: 3}\n"
+                   "device: gpu\n")
+    proc = _cli("validate", str(cfg), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert lines == ["gigapath: error: device: Value error, expected auto, cpu, cuda, cuda:N (N a device index) or "
+                     "mps (got 'gpu')",
+                     "gigapath: error: tile_encoder.batchsize: unknown key; did you mean 'batch_size'?",
+                     "gigapath: error: input: unknown key; did you mean 'inputs'?"]  # 'inputs: Field required' folded
+    assert not (tmp_path / "out").exists()
+
+
+def test_stage_errors_are_collected_and_names_get_suggestions(example_slide, tmp_path):
+    raw = {"inputs": {"slides": [str(example_slide)]}, "readers": ["openslid"],
+           "tiler": {"name": "otsu", "params": {"tile_sise": 256}},
+           "tile_encoder": {"name": "dinov2-vits41", "weights": "random"}}
+    with pytest.raises(ConfigErrors) as info:
+        load_pipeline_config(raw, tmp_path, str(tmp_path / "out"))
+    msgs = [str(e) for e in info.value.errors]
+    assert len(msgs) == 3
+    assert msgs[0].startswith("readers[0]: unknown slide reader 'openslid'") and msgs[0].endswith(
+        "did you mean 'openslide'?")
+    assert msgs[1].startswith("tiler.params.tile_sise: unknown parameter for tiler 'otsu'") and msgs[1].endswith(
+        "did you mean 'tile_size'?")
+    assert msgs[2].startswith("tile_encoder.name: unknown plugin or preset 'dinov2-vits41'") and msgs[2].endswith(
+        "did you mean 'dinov2-vits14'?")
+
+
+def test_unknown_job_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"^job: unknown job 'finetun'; valid choices: .*did you mean 'finetune'\?$"):
+        validate({"job": "finetun"})
+
+
+def test_save_tile_png_needs_a_tile_encoder(example_slide, tmp_path):
+    raw = {"inputs": {"slides": [str(example_slide)]}, "save_tile_png": True}
+    with pytest.raises(ConfigError, match=r"^save_tile_png: writes the tiles the tile encoder reads"):
+        load_pipeline_config(raw, tmp_path, str(tmp_path / "out"))
+
+
+def test_validate_other_jobs(tmp_path):
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,patient_id,y\na,p1,0\nb,p2,1\n")
+    (tmp_path / "emb").mkdir()
+    raw = {"job": "finetune", "data": {"embeddings": [str(tmp_path / "emb")], "labels": str(labels),
+                                       "task": "binary", "label_columns": ["y"]},
+           "model": {"slide_encoder": None, "head": {"name": "abmil"}}}
+    plan = validate(raw, out=str(tmp_path / "ft"))
+    assert plan["job"] == "finetune" and plan["inputs"].startswith("2 labelled rows")
+    assert plan["stages"][-1] == "5 folds" and not (tmp_path / "ft").exists()
+
+
+def test_cli_logging_silences_pyvips_info():
+    from gigapath_core.cli import _setup_logging
+
+    _setup_logging(False)
+    assert logging.getLogger("pyvips").getEffectiveLevel() == logging.WARNING
+
+
+def test_tiatoolbox_reader_opens_without_resource_warning(example_slide):
+    pytest.importorskip("tiatoolbox")
+    code = ("from gigapath_plugins.readers.tiatoolbox import TiatoolboxWSI as W; "
+            f"w = W({str(example_slide)!r}); print(w.level_dimensions[0])")
+    proc = subprocess.run([sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-c", code],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ResourceWarning" not in proc.stderr and proc.stdout.strip() == "(2220, 2967)"
