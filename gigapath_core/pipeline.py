@@ -95,10 +95,7 @@ def _tiler_params(cfg: PipelineConfig) -> dict:
     from .api import validate_params
 
     try:
-        params = validate_params("tiler", cfg.tiler.name, cfg.tiler.params, cfg.registry)[1].model_dump()
-        if params.get("resample") == "lanczos":  # added later with the old behaviour as default: keep old fingerprints
-            del params["resample"]
-        return params
+        return validate_params("tiler", cfg.tiler.name, cfg.tiler.params, cfg.registry)[1].model_dump()
     except Exception:  # validated before the run starts; keep the fingerprint total anyway
         return cfg.tiler.model_dump()
 
