@@ -461,13 +461,17 @@ def parse_model(model: type[BaseModel], raw: dict) -> Any:
 
 def resolve_output(cfg: Any, base: Path, out: str | None) -> None:
     """Set ``cfg.output`` to an absolute path: ``out`` (from the command line, relative to the cwd) wins over the
-    config's ``output`` (relative to the config file). Raises ConfigError if neither is given."""
+    config's ``output`` (relative to the config file). Raises ConfigError if neither is given, or if the path or
+    one of its parents is a file (checked without writing, so ``gigapath validate`` catches it too)."""
     if out is not None:
         cfg.output = str(Path(out).resolve())
     elif cfg.output is not None:
         cfg.output = str((base / cfg.output).resolve()) if not Path(cfg.output).is_absolute() else cfg.output
     else:
         raise ConfigError("output", "no output folder: set output: in the config or pass --out DIR")
+    existing = next(p for p in (Path(cfg.output), *Path(cfg.output).parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError("output", f"{existing} exists and is not a folder")
 
 
 def resolve_weights_source(source: str, base: Path) -> str:

@@ -27,7 +27,7 @@ import torch
 
 from . import __version__
 from .config import PipelineConfig, SlideInput
-from .errors import ConfigError, GigapathError, SlideError, SlideOpenError
+from .errors import ConfigError, FeatureFileError, GigapathError, SlideError, SlideOpenError
 from .interop import FORMAT_VERSION
 from .markers import identity_key, input_identity, outputs_record, stale_reason
 from .slide_ids import slide_dir as checked_slide_dir
@@ -400,9 +400,12 @@ def _run_on_features(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp
     se = models.slide_encoder
     with _stage_failures(row, slide):
         t0 = time.perf_counter()
-        tf = read_tile_features(slide.path, level0_mpp=slide.mpp, coords_unit=cfg.inputs.coords_unit,
-                                tile_size=cfg.inputs.tile_size, key_prefix="inputs.",
-                                keys={"level0_mpp": "inputs.mpp"})
+        try:
+            tf = read_tile_features(slide.path, level0_mpp=slide.mpp, coords_unit=cfg.inputs.coords_unit,
+                                    tile_size=cfg.inputs.tile_size, key_prefix="inputs.",
+                                    keys={"level0_mpp": "inputs.mpp"})
+        except ConfigError as err:  # this file's units (the message names the key): that slide fails alone
+            raise FeatureFileError(slide.path, str(err)) from None
         row.update(n_tiles=len(tf), reader=f"features:{tf.source_format}", weights=f"slide_encoder={se.weights_source}")
         if len(tf) == 0:
             row["reason"] = "zero tiles in the feature file"

@@ -4,6 +4,7 @@ geometry: neighbouring tiles must come out as neighbouring grid cells (0, 1, 2..
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import h5py
@@ -279,8 +280,11 @@ def test_embed_job_on_foreign_features(tmp_path):
         gp.run({**cfg, "tile_encoder": {"name": "dinov2-vits14"}}, out=str(out))
     write_clam(tmp_path / "clam", "C")  # no units in the file: the embed job's key for level-0 mpp is inputs.mpp
     clam = {"inputs": {"features": str(tmp_path / "clam")}, "slide_encoder": cfg["slide_encoder"]}
-    with pytest.raises(ConfigError, match=r"^inputs\.mpp: .*C\.h5: .*give it with inputs\.mpp$"):
-        gp.run(clam, out=str(tmp_path / "out2"))
+    assert gp.run(clam, out=str(tmp_path / "out2")) == 1  # that file fails alone, naming the key that fixes it
+    with open(tmp_path / "out2" / "manifest.csv") as f:
+        row = next(csv.DictReader(f))
+    assert row["status"] == "failed" and row["error_type"] == "FeatureFileError"
+    assert re.search(r"C\.h5: inputs\.mpp: .*C\.h5: .*give it with inputs\.mpp$", row["reason"]), row["reason"]
     clam["inputs"]["mpp"] = 0.25
     assert gp.run(clam, out=str(tmp_path / "out2")) == 0
     assert read_h5(tmp_path / "out2" / "C" / "slide_embedding.h5")[1]["tile_features_format"] == "clam"

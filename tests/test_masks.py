@@ -22,7 +22,7 @@ import gigapath_core as gp
 from gigapath_core.api import build
 from gigapath_core.errors import MaskError
 from gigapath_core.masks import MaskSpec, load_mask
-from gigapath_core.stages.tiling import REGION_RGB, open_slide, outline_width, run_tiling
+from gigapath_core.stages.tiling import EXCLUDED_RGB, REGION_RGB, open_slide, outline_width, run_tiling
 from gigapath_core.store import read_h5
 
 READERS = ["openslide", "tifffile", "pyvips"]
@@ -152,6 +152,8 @@ def test_intersect_keeps_only_tissue_inside_the_region(tmp_path, cmu):
 
     png = np.asarray(Image.open(tmp_path / "thumbnail.png").convert("RGB"))
     assert outline_width(png.shape) == 2 and (png == REGION_RGB).all(-1).sum() > 500
+    h = png.shape[0] - 60  # above the legend band: the exclusions drawn over the region's holes
+    assert (png[:h] == EXCLUDED_RGB).all(-1).sum() > 100
 
 
 def test_whole_slide_annotation_changes_nothing(tmp_path, cmu):

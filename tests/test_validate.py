@@ -105,3 +105,14 @@ def test_tiatoolbox_reader_opens_without_resource_warning(example_slide):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ResourceWarning" not in proc.stderr and proc.stdout.strip() == "(2220, 2967)"
+
+
+@pytest.mark.parametrize("sub", ["", "sub"])
+def test_an_output_path_through_a_file_is_refused_by_validate_as_by_run(tmp_path, sub):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    out = afile / sub if sub else afile
+    proc = _cli("validate", str(ROOT / "examples" / "quickstart.yaml"), "--out", str(out))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"gigapath: error: output: {afile} exists and is not a folder"
+    assert afile.read_text() == "not a folder"

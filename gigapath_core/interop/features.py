@@ -11,6 +11,8 @@ of a 0.2271 µm/px slide (tiled at its rounded "40x", step 512) thus still gives
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ from ..errors import ConfigError, FeatureFileError
 from .contract import COORDS_UNITS
 from .formats import FORMATS, decode, detect_format
 from .grid import check_grid, snap_to_cells
+
+log = logging.getLogger("gigapath")
 
 
 @dataclass
@@ -242,6 +246,10 @@ def _assemble(path: Path, fmt: str, features: np.ndarray, data: dict, root: dict
     else:
         tile_size = int(tile_size or units.TILE_SIZE)
         unit = coords_unit or {"stamp": "um", "prov-gigapath": "grid_px"}.get(fmt, "level0_px")
+        if fmt == "prov-gigapath" and coords_unit is None and not cattrs:
+            log.warning("%s: coords carry no unit; read as grid px at %g µm/px (the official prov-gigapath layout). "
+                        "If they are level-0 px, set %s: level0_px and %s", path, target_mpp, key("coords_unit"),
+                        key("level0_mpp"))
         if fmt == "trident" and level0_mpp is None and cattrs.get("level0_magnification"):
             level0_mpp = units.magnification_to_mpp(float(cattrs["level0_magnification"]))
         pos = raw.astype(np.float64)

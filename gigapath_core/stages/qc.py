@@ -161,13 +161,13 @@ def qc_thumbnail(grid: TileGrid, ds: tuple[float, float], annotations=None, lege
         if len(xy) >= 2:
             draw.line([(float(x), float(y)) for x, y in xy], fill=colour, width=width, joint="curve")
 
-    if annotations is not None:
+    if annotations is not None:  # the region first: an exclusion inside it is a hole of the region too
         scale = np.array([1.0 / dsx, 1.0 / dsy])
+        for ring in geometry_rings(annotations.region):
+            ring_line(ring * scale, REGION_RGB)
         if not annotations.exclude.is_empty:
             for ring in geometry_rings(annotations.exclude):
                 ring_line(ring * scale, EXCLUDED_RGB)
-        for ring in geometry_rings(annotations.region):
-            ring_line(ring * scale, REGION_RGB)
     for x, y in grid.coords:
         x0, y0 = x / dsx, y / dsy
         draw.rectangle([x0, y0, x0 + side_x, y0 + side_y], outline=TILE_RGB, width=box_width)
