@@ -38,6 +38,18 @@ def run(config: str | Path | dict, out: str | None = None, sets: list[str] = (),
     Raises:
         ConfigError: the config is invalid (raised before any work).
     """
+    raw, base, job = load_job(config, sets)
+    module, func = JOBS[job].split(":")
+    return getattr(importlib.import_module(module), func)(raw, base, out, options)
+
+
+def load_job(config: str | Path | dict, sets: list[str] = ()) -> tuple[dict, Path, str]:
+    """``(raw mapping with the --set overrides, folder relative paths resolve against, job name)`` of a config
+    (a YAML path, or a mapping whose paths resolve against the cwd). Used by ``run`` and ``validate``.
+
+    Raises:
+        ConfigError: unreadable YAML, a bad override, or an unknown job (with a "did you mean").
+    """
     if isinstance(config, dict):
         raw, base = dict(config), Path.cwd()
     else:
@@ -49,8 +61,7 @@ def run(config: str | Path | dict, out: str | None = None, sets: list[str] = (),
 
         raise ConfigError("job", f"unknown job {job!r}; valid choices: {', '.join(sorted(JOBS))}"
                                  f"{did_you_mean(str(job), JOBS)}")
-    module, func = JOBS[job].split(":")
-    return getattr(importlib.import_module(module), func)(raw, base, out, options)
+    return raw, base, job
 
 
 def run_embed(raw: dict, base: Path, out: str | None, options: dict) -> int:

@@ -381,14 +381,18 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
         if se is not None and n > 0:
             t0 = time.perf_counter()
             row["weights"] += f"; slide_encoder={se.weights_source}"
-            run_slide_embedding(se, slide_dir, EMBEDDINGS_FILE,
-                                {**common, "fingerprint": fp["slide_encoder"], "slide_encoder": cfg.slide_encoder.name,
-                                 "weights_source": se.weights_source, "embed_dim": int(se.embed_dim)},
+            run_slide_embedding(se, slide_dir, EMBEDDINGS_FILE, _slide_attrs(cfg, se, common, fp),
                                 device=models.device, precision=cfg.slide_encoder.precision)
             row["seconds_slide_encoder"] = round(time.perf_counter() - t0, 3)
         row["status"] = "ok"
     row["seconds_total"] = round(time.perf_counter() - t_start, 3)
     return row
+
+
+def _slide_attrs(cfg: PipelineConfig, se, common: dict, fp: dict[str, str]) -> dict:
+    """Attributes of ``slide_embedding.h5``: provenance, the stage fingerprint, the encoder and its weights."""
+    return {**common, "fingerprint": fp["slide_encoder"], "slide_encoder": cfg.slide_encoder.name,
+            "weights_source": se.weights_source, "embed_dim": int(se.embed_dim)}
 
 
 def _run_on_features(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dict[str, str], t_start: float,
@@ -410,9 +414,7 @@ def _run_on_features(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp
         if len(tf) == 0:
             row["reason"] = "zero tiles in the feature file"
         else:
-            embed_tile_features(se, tf, slide_dir,
-                                {**common, "fingerprint": fp["slide_encoder"], "slide_encoder": cfg.slide_encoder.name,
-                                 "weights_source": se.weights_source, "embed_dim": int(se.embed_dim)},
+            embed_tile_features(se, tf, slide_dir, _slide_attrs(cfg, se, common, fp),
                                 device=models.device, precision=cfg.slide_encoder.precision)
         row["seconds_slide_encoder"] = round(time.perf_counter() - t0, 3)
         row["status"] = "ok"

@@ -14,7 +14,6 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from .config import apply_overrides, load_raw
 from .errors import ConfigError
 
 
@@ -119,18 +118,9 @@ def validate(config: str | Path | dict, out: str | None = None, sets: list[str] 
         ConfigError: every problem found (:class:`~gigapath_core.errors.ConfigErrors` for several), with key
             paths and "did you mean" suggestions for misspelt keys and names.
     """
-    from .jobs import JOBS
-    from .suggest import did_you_mean
+    from .jobs import load_job
 
-    if isinstance(config, dict):
-        raw, base = dict(config), Path.cwd()
-    else:
-        raw, base = load_raw(config), Path(config).resolve().parent
-    raw = apply_overrides(raw, list(sets))
-    job = raw.get("job", "embed")
-    if job not in JOBS:
-        raise ConfigError("job", f"unknown job {job!r}; valid choices: {', '.join(sorted(JOBS))}"
-                                 f"{did_you_mean(str(job), JOBS)}")
+    raw, base, job = load_job(config, sets)
     planner = PLANNERS.get(job)
     if planner is None:  # a job registered by a plugin without a planner: its run would check it
         raise ConfigError("job", f"job {job!r} has no validate-only check; run it to check its config")
