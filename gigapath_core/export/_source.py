@@ -1,17 +1,10 @@
 """Read one finished slide folder of a run (``OUT/<slide_id>/``) into one in-memory record for the exporters.
 
-Reads both layouts of ``tile_embeddings.h5`` (docs/formats.md):
-
-- format_version 2: ``coords`` (N, 2) int64 level-0 px, ``grid_coords`` (N, 2) int64 grid px at ``target_mpp``;
-- version 1 (no ``format_version`` attribute): ``coords`` = grid px, ``coords_level0`` = level-0 px.
-
-The level-0 mpp and the read geometry (``level``, ``read_size``, ``level_dimensions``) come from ``tiles.h5``'s
-root attributes (``source_mpp_x``/``source_mpp_y``), else from attributes on the ``coords`` dataset or the root of
-``tile_embeddings.h5`` (``level0_mpp``).
-
-A slide of an embed run on existing features (``inputs.features``; ``status.json`` ``reader`` = ``features:<fmt>``)
-has no ``tile_embeddings.h5``: its tiles are read back from the feature file named in ``status.json``
-``slide_path`` with the importer (``gigapath_core.interop.read_tile_features``).
+The tiles come from :func:`gigapath_core.interop.read_tile_features` (the project's one reader of tile-feature
+files: both layouts of our ``tile_embeddings.h5``, docs/formats.md, and, for a slide of an embed run on existing
+features — ``status.json`` ``reader`` = ``features:<fmt>`` — the feature file named in its ``slide_path``). The
+level-0 mpp and the read geometry (``level``, ``read_size``, ``level_dimensions``) come from ``tiles.h5``'s root
+attributes (``source_mpp_x``/``source_mpp_y``), else from the feature file.
 """
 
 from __future__ import annotations
@@ -23,15 +16,13 @@ from typing import Any
 
 import numpy as np
 
+from .. import units
 from ..errors import GigapathError, SlideError
 from ..store import read_status
 
 EMBEDDINGS_FILE = "tile_embeddings.h5"
 TILES_FILE = "tiles.h5"
 SLIDE_FILE = "slide_embedding.h5"
-
-#: Magnification convention shared with TRIDENT (trident/wsi_objects/WSIPatcher.py: ``pixel_size = 10 / mag``).
-MAG_TIMES_MPP = 10.0
 
 
 @dataclass
@@ -77,17 +68,17 @@ class SlideFeatures:
     @property
     def tile_size_level0(self) -> float:
         """Side of one tile in level-0 px (x axis): ``tile_size * target_mpp / level0_mpp[0]`` (563.6 at 0.2271)."""
-        return self.tile_size * self.target_mpp / self.need_mpp()[0]
+        return units.tile_size_level0(self.tile_size, self.target_mpp, self.need_mpp()[0])
 
     @property
     def level0_magnification(self) -> float:
         """Level-0 magnification ``10 / mpp`` (0.25 µm/px = 40×, 0.2271 µm/px = 44.03×)."""
-        return MAG_TIMES_MPP / self.need_mpp()[0]
+        return units.mpp_to_magnification(self.need_mpp()[0])
 
     @property
     def target_magnification(self) -> float:
         """Grid magnification ``10 / target_mpp`` (0.5 µm/px = 20×)."""
-        return MAG_TIMES_MPP / self.target_mpp
+        return units.mpp_to_magnification(self.target_mpp)
 
     def need_coords(self) -> np.ndarray:
         """Level-0 coords, or raise SlideError when this slide has none (foreign grid-px-only features)."""
@@ -139,98 +130,54 @@ def _json_list(v: Any) -> list:
 
 
 def read_slide(slide_dir: str | Path) -> SlideFeatures:
-    """Read ``slide_dir`` (``OUT/<slide_id>/``) of a finished run, format_version 1 or 2.
+    """Read ``slide_dir`` (``OUT/<slide_id>/``) of a finished run, format_version 1 or 2, or embedded from an
+    existing feature file.
 
     Raises:
-        SlideError: ``tile_embeddings.h5`` missing or unreadable, or its coordinates inconsistent.
+        SlideError: ``tile_embeddings.h5`` (or the feature file the run used) missing, unreadable or inconsistent,
+            or ``tiles.h5`` / ``slide_embedding.h5`` unreadable.
     """
+    from ..interop import read_tile_features
+
     slide_dir = Path(slide_dir)
-    emb_path = slide_dir / EMBEDDINGS_FILE
-    if not emb_path.is_file():
+    path, foreign = slide_dir / EMBEDDINGS_FILE, False
+    if not path.is_file():
         status = read_status(slide_dir) or {}
-        if str(status.get("reader", "")).startswith("features:") and status.get("slide_path"):
-            return _read_foreign(slide_dir, Path(status["slide_path"]))
-        raise SlideError(emb_path, "missing: the run has no tile embeddings for this slide (no tile_encoder stage?)")
-    data, root, per = _read_or_fail(emb_path)
-    tattrs = _read_or_fail(slide_dir / TILES_FILE)[1] if (slide_dir / TILES_FILE).is_file() else {}
-    if "features" not in data or "coords" not in data:
-        raise SlideError(emb_path, f"not a tile-embeddings file: datasets {sorted(data)}, need features and coords")
-    version = int(root.get("format_version", 1))
-    if version >= 2:
-        coords, grid = data["coords"], data.get("grid_coords")
-        if grid is None:
-            raise SlideError(emb_path, "format_version 2 file without grid_coords")
-    else:  # v1: coords were grid px, coords_level0 level-0 px
-        grid, coords = data["coords"], data.get("coords_level0")
-    cattrs = per.get("coords", {})
-    mpp = _level0_mpp(tattrs, cattrs, root)
-    features = np.asarray(data["features"], dtype=np.float32)
-    grid = np.asarray(grid, dtype=np.int64).reshape(-1, 2)
-    if coords is not None:
-        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-    if len(features) != len(grid) or (coords is not None and len(coords) != len(grid)):
-        raise SlideError(emb_path, f"row counts differ: features {len(features)}, grid_coords {len(grid)}, "
-                         f"coords {None if coords is None else len(coords)}")
-    slide_emb, sroot = None, {}
-    if (slide_dir / SLIDE_FILE).is_file():
-        sdata, sroot, _ = _read_or_fail(slide_dir / SLIDE_FILE)
-        slide_emb = sdata.get("embedding")
-    gattrs = per.get("grid_coords", {})
-    read_size = tattrs.get("read_size")  # no tiles.h5 (foreign features): exporters fall back to level 0
-    return SlideFeatures(
-        slide_id=slide_dir.name,
-        features=features, coords=coords, grid_coords=grid, level0_mpp=mpp,
-        tile_size=int(tattrs.get("tile_size", gattrs.get("tile_size", root.get("tile_size", 256)))),
-        target_mpp=float(tattrs.get("target_mpp", gattrs.get("target_mpp", root.get("target_mpp", 0.5)))),
-        tile_encoder=str(root.get("tile_encoder", "")), weights_source=str(root.get("weights_source", "")),
-        level=int(tattrs.get("level", 0)),
-        read_size=None if read_size is None else int(read_size),
-        level_dimensions=_json_list(tattrs.get("level_dimensions")),
-        slide_path=str(tattrs.get("slide_path", root.get("slide_path", ""))),
-        slide_embedding=None if slide_emb is None else np.asarray(slide_emb, dtype=np.float32),
-        slide_encoder=str(sroot.get("slide_encoder", "")), slide_encoder_weights=str(sroot.get("weights_source", "")),
-        attrs=root,
-    )
-
-
-def _read_foreign(slide_dir: Path, path: Path) -> SlideFeatures:
-    """Tiles of a slide embedded from an existing feature file (TRIDENT, CLAM, STAMP, prov-gigapath, ours)."""
+        if not (str(status.get("reader", "")).startswith("features:") and status.get("slide_path")):
+            raise SlideError(path, "missing: the run has no tile embeddings for this slide (no tile_encoder stage?)")
+        path, foreign = Path(status["slide_path"]), True
+    tattrs = {} if foreign or not (slide_dir / TILES_FILE).is_file() else _read_or_fail(slide_dir / TILES_FILE)[1]
+    grid = {k: tattrs[k] for k in ("tile_size", "target_mpp") if k in tattrs}  # version 1 records neither
     try:
-        from ..interop import read_tile_features
-    except ImportError:
-        raise SlideError(path, "the run read this slide's tiles from this feature file, and this version of "
-                               "gigapath-core has no reader for it (gigapath_core.interop)") from None
-    try:
-        tf = read_tile_features(path)
+        tf = read_tile_features(path, **grid)
     except (GigapathError, OSError) as err:
-        raise SlideError(path, f"cannot read the tile features the run used: {err}") from None
-    a = tf.attrs
+        what = "the tile features the run used" if foreign else "its tile embeddings"
+        raise SlideError(path, f"cannot read {what}: {err}") from None
     sdata, sroot = {}, {}
     if (slide_dir / SLIDE_FILE).is_file():
         sdata, sroot, _ = _read_or_fail(slide_dir / SLIDE_FILE)
-    emb = sdata.get("embedding")
-    mpp = None if tf.level0_mpp is None else (float(tf.level0_mpp), float(tf.level0_mpp))
+    emb, a = sdata.get("embedding"), tf.attrs
+    read_size = tattrs.get("read_size")  # no tiles.h5 (foreign features): exporters fall back to level 0
     return SlideFeatures(
         slide_id=slide_dir.name, features=np.asarray(tf.features, dtype=np.float32),
         coords=None if tf.coords is None else np.asarray(tf.coords, dtype=np.int64).reshape(-1, 2),
-        grid_coords=np.asarray(tf.grid_coords, dtype=np.int64).reshape(-1, 2), level0_mpp=mpp,
+        grid_coords=np.asarray(tf.grid_coords, dtype=np.int64).reshape(-1, 2), level0_mpp=_level0_mpp(tattrs, tf),
         tile_size=int(tf.tile_size), target_mpp=float(tf.target_mpp),
         tile_encoder=str(a.get("tile_encoder") or a.get("extractor") or a.get("encoder") or ""),
-        weights_source=str(a.get("weights_source", "")), level=0, read_size=None, level_dimensions=[],
-        slide_path=str(path), slide_embedding=None if emb is None else np.asarray(emb, dtype=np.float32),
+        weights_source=str(a.get("weights_source", "")), level=int(tattrs.get("level", 0)),
+        read_size=None if read_size is None else int(read_size),
+        level_dimensions=_json_list(tattrs.get("level_dimensions")),
+        slide_path=str(path) if foreign else str(tattrs.get("slide_path", a.get("slide_path", ""))),
+        slide_embedding=None if emb is None else np.asarray(emb, dtype=np.float32),
         slide_encoder=str(sroot.get("slide_encoder", "")), slide_encoder_weights=str(sroot.get("weights_source", "")),
         attrs=dict(a))
 
 
-def _level0_mpp(tattrs: dict, cattrs: dict, root: dict) -> tuple[float, float] | None:
+def _level0_mpp(tattrs: dict, tf) -> tuple[float, float] | None:
+    """(x, y) level-0 µm/px: ``tiles.h5`` (both axes) if the run tiled the slide, else the feature file's."""
     if "source_mpp_x" in tattrs:
         return float(tattrs["source_mpp_x"]), float(tattrs.get("source_mpp_y", tattrs["source_mpp_x"]))
-    for attrs in (cattrs, root):
-        v = attrs.get("level0_mpp")
-        if v is not None and not isinstance(v, str):
-            v = np.atleast_1d(np.asarray(v, dtype=float))
-            return float(v[0]), float(v[-1])
-    return None
+    return None if tf.level0_mpp is None else (float(tf.level0_mpp), float(tf.level0_mpp))
 
 
 def list_slides(out: str | Path) -> tuple[list[str], list[dict[str, str]]]:

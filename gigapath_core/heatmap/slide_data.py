@@ -1,9 +1,8 @@
 """One slide of an ``embed`` run, as the heatmap code needs it: tile embeddings, both coordinate systems, mpp.
 
-Reads ``OUT/<slide_id>/tile_embeddings.h5`` and ``OUT/<slide_id>/tiles.h5``. Both layouts are accepted:
-format_version 2 (``coords`` = level-0 px, ``grid_coords`` = grid px) and the older version 1 (``coords`` =
-grid px, ``coords_level0`` = level-0 px, no ``format_version`` attribute). ``tiles.h5`` ``coords`` are level-0
-px in both versions and take precedence.
+Reads ``OUT/<slide_id>/tile_embeddings.h5`` with :func:`gigapath_core.interop.read_tile_features` (both layouts:
+format_version 2 and the older version 1) and ``OUT/<slide_id>/tiles.h5``, whose ``coords`` (level-0 px in both
+versions) and geometry (mpp, level-0 size, slide path, reader) the pictures need.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import units
 from ..errors import GigapathError
 
 EMBEDDINGS_FILE = "tile_embeddings.h5"
@@ -54,7 +54,7 @@ class SlideTiles:
     @property
     def tile_side_level0(self) -> tuple[float, float]:
         """(w, h) of one tile in level-0 px: ``tile_size * target_mpp / mpp``."""
-        return (self.tile_size * self.target_mpp / self.mpp[0], self.tile_size * self.target_mpp / self.mpp[1])
+        return tuple(units.tile_size_level0(self.tile_size, self.target_mpp, m) for m in self.mpp)
 
 
 def _attr_list(v) -> list:
@@ -67,6 +67,7 @@ def read_slide_tiles(slide_dir: str | Path) -> SlideTiles:
     Raises:
         HeatmapInputError: tile_embeddings.h5 or tiles.h5 missing, or their tile counts disagree.
     """
+    from ..interop import read_tile_features
     from ..store import read_h5
 
     slide_dir = Path(slide_dir)
@@ -74,21 +75,19 @@ def read_slide_tiles(slide_dir: str | Path) -> SlideTiles:
     for p in (emb_path, tiles_path):
         if not p.is_file():
             raise HeatmapInputError(f"{slide_dir.name}: no {p.name} (run the embed job with a tile encoder first)")
-    emb, eattrs = read_h5(emb_path)
     tiles, tattrs = read_h5(tiles_path)
-    version = int(eattrs.get("format_version", 1))
-    if version >= 2:
-        grid = emb.get("grid_coords", tiles["grid_coords"])
-    else:
-        grid = emb["coords"]
-    coords = tiles["coords"]
-    if len(coords) != len(emb["features"]) or len(grid) != len(coords):
-        raise HeatmapInputError(f"{slide_dir.name}: {EMBEDDINGS_FILE} has {len(emb['features'])} tiles but "
+    try:  # both layouts of tile_embeddings.h5, checked (docs/formats.md); version 1 records no tile size
+        tf = read_tile_features(emb_path, tile_size=int(tattrs["tile_size"]), target_mpp=float(tattrs["target_mpp"]))
+    except GigapathError as err:
+        raise HeatmapInputError(f"{slide_dir.name}: {err}") from None
+    features, grid, coords = tf.features, tf.grid_coords, tiles["coords"]
+    if len(coords) != len(features) or len(grid) != len(coords):
+        raise HeatmapInputError(f"{slide_dir.name}: {EMBEDDINGS_FILE} has {len(features)} tiles but "
                                 f"{TILES_FILE} has {len(coords)} (outputs of different runs?)")
     dims = _attr_list(tattrs["level_dimensions"])
     return SlideTiles(
         slide_id=slide_dir.name,
-        features=np.asarray(emb["features"], dtype=np.float32),
+        features=np.asarray(features, dtype=np.float32),
         coords=np.asarray(coords, dtype=np.int64).reshape(-1, 2),
         grid_coords=np.asarray(grid, dtype=np.int64).reshape(-1, 2),
         mpp=(float(tattrs["source_mpp_x"]), float(tattrs["source_mpp_y"])),
