@@ -140,6 +140,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def config_arguments(p: argparse.ArgumentParser, config_help: str = "config (YAML)") -> None:
+    """CONFIG, --out and --set: the arguments of every command that takes a config (``run``, ``validate``,
+    ``reports clean``)."""
+    p.add_argument("config", help=config_help)
+    p.add_argument("--out", help="output folder (overrides the config's output)")
+    p.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -154,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help=f"validate and run a YAML config (jobs: {', '.join(sorted(JOBS))})")
-    r.add_argument("config", help="pipeline config (YAML)")
-    r.add_argument("--out", help="output folder (overrides the config's output)")
-    r.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
+    config_arguments(r)
     r.add_argument("--executor", help="executor name: local or ray (default: the config's, else local)")
     r.add_argument("--shard", help="k/N with 0 <= k < N: process only slides k, k+N, k+2N, ... (Slurm job arrays)")
     r.add_argument("--address", help="Ray cluster to join ('auto' = the one started on this machine); "
@@ -165,9 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check a config of any job as `run` would (keys, plugins, params, paths, "
                                         "inputs) and print the plan; runs and writes nothing; exit 0 or 2")
-    v.add_argument("config", help="config (YAML)")
-    v.add_argument("--out", help="output folder (overrides the config's output)")
-    v.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
+    config_arguments(v)
     v.add_argument("--json", action="store_true", help="the plan as JSON")
     v.set_defaults(func=cmd_validate)
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 
 def add_reports_parser(sub) -> None:
+    from ..cli import config_arguments
+
     rp = sub.add_parser("reports", help="report cleaning before CLIP: k-means exemplars, LLM/rule cleaning + record")
     rsub = rp.add_subparsers(dest="reports_command", required=True)
     ex = rsub.add_parser("exemplars", help="embed reports, k-means, write the report nearest each centre for "
@@ -19,9 +21,7 @@ def add_reports_parser(sub) -> None:
     ex.add_argument("--out", required=True, help="exemplars file to write (YAML)")
     ex.set_defaults(func=cmd_exemplars)
     cl = rsub.add_parser("clean", help="run a clean_reports config: cleaned CSV, record.csv, token_lengths.png")
-    cl.add_argument("config", help="YAML config (job: clean_reports may be omitted)")
-    cl.add_argument("--out", help="output folder (overrides the config's output)")
-    cl.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config value (repeatable)")
+    config_arguments(cl, "YAML config (job: clean_reports may be omitted)")
     cl.add_argument("--show-prompt", action="store_true",
                     help="print the messages an LLM cleaner would send for the first report; send nothing")
     cl.set_defaults(func=cmd_clean)
