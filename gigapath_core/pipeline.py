@@ -31,7 +31,7 @@ from .errors import ConfigError, FeatureFileError, GigapathError, SlideError, Sl
 from .interop import FORMAT_VERSION
 from .markers import identity_key, input_identity, outputs_record, stale_reason
 from .slide_ids import slide_dir as checked_slide_dir
-from .store import STATUS_FILE, read_dataset_attrs, read_h5, read_status, write_status
+from .store import STATUS_FILE, read_dataset_attrs, read_h5, read_h5_attrs, read_status, write_status
 from .stages.slide_embedding import SLIDE_FILE, embed_tile_features, run_slide_embedding
 from .stages.tile_embedding import EMBEDDINGS_FILE, TileDataset, embed_tiles, write_tile_embeddings
 from .masks import MaskSpec, mask_identity
@@ -165,7 +165,7 @@ def _stage_ok(path: Path, fingerprint: str) -> bool:
     if not path.is_file():
         return False
     try:
-        attrs = read_h5(path)[1]
+        attrs = read_h5_attrs(path)  # two attributes: the datasets (up to GBs of features) are not read
     except Exception:
         return False
     return attrs.get("fingerprint") == fingerprint and int(attrs.get("format_version", 1)) == FORMAT_VERSION

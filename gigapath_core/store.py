@@ -127,6 +127,14 @@ def read_h5(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return data, attrs
 
 
+def read_h5_attrs(path: str | Path) -> dict[str, Any]:
+    """The root attributes of an HDF5 file (bytes decoded), without reading its datasets."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+
+
 def read_dataset_attrs(path: str | Path) -> dict[str, dict[str, Any]]:
     """Dataset name -> its attributes (bytes decoded), for every dataset of an HDF5 file."""
     import h5py

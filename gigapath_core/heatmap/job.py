@@ -130,10 +130,10 @@ def run_heatmaps(embed_dir: str | Path, out: str | Path | None = None, *, model:
 
 
 def _weights_note(slide_dir: Path) -> str:
-    from ..store import read_h5
+    from ..store import read_h5_attrs
 
     try:
-        attrs = read_h5(slide_dir / EMBEDDINGS_FILE)[1]
+        attrs = read_h5_attrs(slide_dir / EMBEDDINGS_FILE)
     except Exception:
         return ""
     if attrs.get("weights_source") == "random":

@@ -142,7 +142,6 @@ def tissue_geojson(grid: TileGrid, level0_size: tuple[int, int] | None = None) -
     return {"type": "FeatureCollection", "features": features}
 
 
-#: QC colours: tissue outline, annotation region outline, excluded annotations, kept tiles
 def qc_thumbnail(grid: TileGrid, level0_size: tuple[int, int] | None = None, annotations=None,
                  legend: bool = True) -> np.ndarray:
     """The QC thumbnail (:mod:`gigapath_core.stages.qc`): tissue outline, annotations, kept and rejected tiles,
