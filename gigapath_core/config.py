@@ -199,11 +199,6 @@ def pydantic_errors(err: ValidationError, prefix: str = "", model: Any = None) -
     return ConfigErrors.of(kept)
 
 
-def pydantic_error(err: ValidationError, prefix: str = "", model: Any = None) -> ConfigError:
-    """Every pydantic error as a ConfigError (see :func:`pydantic_errors`; kept for callers of the old name)."""
-    return pydantic_errors(err, prefix, model)
-
-
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, MAX_SHOWN, MAX_SHOWN
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8

@@ -120,7 +120,7 @@ def get_executor(name: str, **params: Any) -> Executor:
     try:
         validated = cls.Params(**params)
     except ValidationError as err:
-        from ..config import pydantic_error
+        from ..config import pydantic_errors
 
-        raise pydantic_error(err, prefix="executor.params", model=cls.Params) from None
+        raise pydantic_errors(err, prefix="executor.params", model=cls.Params) from None
     return cls(**validated.model_dump())
