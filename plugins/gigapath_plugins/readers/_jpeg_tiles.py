@@ -211,7 +211,10 @@ class JpegTiles:
         try:
             if lv.verified is None:
                 lv.verified = self._verify(level, lv)
-                if not lv.verified:
+                if not lv.verified:  # drop what was decoded for the check
+                    with self._lock:
+                        for key in [k for k in self._cache if k[0] == level]:
+                            self._cached -= self._cache.pop(key).nbytes
                     return None
             return self._assemble(level, lv, x, y, w, h)
         except Exception:  # undecodable data, I/O error: the caller's library reads it (and reports the error)
