@@ -208,14 +208,17 @@ class JpegTiles:
         if lv is None or lv.verified is False or w <= 0 or h <= 0:
             return None
         self._after_fork()
-        try:
-            if lv.verified is None:
+        if lv.verified is None:
+            try:
                 lv.verified = self._verify(level, lv)
-                if not lv.verified:  # drop what was decoded for the check
-                    with self._lock:
-                        for key in [k for k in self._cache if k[0] == level]:
-                            self._cached -= self._cache.pop(key).nbytes
-                    return None
+            except Exception:  # the check itself failed (e.g. a corrupt tile): leave the level to the library
+                lv.verified = False
+            if not lv.verified:  # drop what was decoded for the check
+                with self._lock:
+                    for key in [k for k in self._cache if k[0] == level]:
+                        self._cached -= self._cache.pop(key).nbytes
+                return None
+        try:
             return self._assemble(level, lv, x, y, w, h)
         except Exception:  # undecodable data, I/O error: the caller's library reads it (and reports the error)
             return None
