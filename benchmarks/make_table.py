@@ -101,9 +101,13 @@ def _rows_finetune_cache(d: dict) -> list[list[str]]:
 def _rows_tiling(d: dict) -> list[list[str]]:
     rows = []
     for s in d.get("slides", []):
-        rows.append([f"tile reads ({s['slide']})", f"TileDataset.read, reader {s['reader']}, read size "
-                     f"{s['read_size']}", _fmt(s["gigapath_tiles_per_s"], " tiles/s"),
-                     _fmt(s["bare_openslide_tiles_per_s"], " tiles/s"), f"{s['ratio']:.2f}×", "≥ 1.5", None, None])
+        resample = s.get("resample", "none")
+        what = (f"TileDataset.read, reader {s['reader']}, read size {s['read_size']}"
+                + (f" + {resample} to {s['tile_size']}" if resample != "none" else ""))
+        bare = " tiles/s" + (" (read + Lanczos)" if resample != "none" else "")
+        rows.append([f"tile reads ({s['slide']})", what, _fmt(s["gigapath_tiles_per_s"], " tiles/s"),
+                     _fmt(s["bare_openslide_tiles_per_s"], bare), f"{s['ratio']:.2f}×", "≥ 1.5", None,
+                     _span(s["load_avg_1m"]) if s.get("load_avg_1m") else None])
     return rows
 
 
