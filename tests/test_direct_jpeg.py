@@ -148,3 +148,14 @@ def test_reader_names_are_recorded(example_slide):
         wsi.read_region((0, 0), 0, (16, 16))
         assert served(wsi, 0)
     assert wsi._direct._fd == -1  # closed with the slide
+
+
+def test_tifffile_reader_caches_jpeg_tiles(shared_data):
+    """The tifffile reader serves JPEG-tiled levels from the same cache: the same pixels as its uncached
+    segment decode, on the big-endian Bio-Formats OME-TIFF (512-px tiles, JFIF JPEG tagged RGB)."""
+    path = shared_data / "slides" / "OS-2-ndpi.ome.tif"
+    a, b = build("slide_reader", "tifffile").open(str(path)), build("slide_reader", "tifffile").open(str(path))
+    b._direct = False
+    boxes = [(x, y, 565, 565) for y in range(-300, 2202, 400) for x in range(-300, 2202, 400)]
+    identical_reads(a, b, boxes)
+    assert served(a, 0) and a._direct.levels[0].tile_w == 512 and len(a._direct._cache) == 25

@@ -57,7 +57,7 @@ class JpegLevel:
     verified: bool | None = None  # None: not yet compared with the reference
 
 
-def _page_level(page, fh) -> JpegLevel | None:
+def jpeg_level(page, fh) -> JpegLevel | None:
     """A :class:`JpegLevel` for a tifffile page, or None when it is not a plain 8-bit RGB JPEG-tiled page."""
     import imagecodecs
 
@@ -100,7 +100,7 @@ def map_levels(path: str, level_dimensions: list[tuple[int, int]]) -> list[JpegL
         for i, dims in enumerate(level_dimensions):
             page = pages.get(tuple(dims))
             if page is not None:
-                out[i] = _page_level(page, tif.filehandle)
+                out[i] = jpeg_level(page, tif.filehandle)
     return out
 
 

@@ -8,7 +8,9 @@ mpp, first found wins (never guessed):
   2. Aperio ImageDescription ``MPP = ...``;
   3. TIFF ``XResolution``/``YResolution`` with ``ResolutionUnit`` inch (2) or centimetre (3).
 
-Memory: a region read decodes only the tiles (or strips) it overlaps; uncompressed contiguous images are
+Memory: a region read decodes only the tiles (or strips) it overlaps; the JPEG tiles of 8-bit RGB levels are
+decoded once and kept in a bounded cache shared by neighbouring reads (:mod:`._jpeg_tiles`, the same
+imagecodecs decode, checked per level against the uncached path); uncompressed contiguous images are
 memory-mapped; the thumbnail is an area-averaged downsample of the coarsest level big enough, decoded in
 blocks of at most 4,096 x 4,096 px.
 """
@@ -22,6 +24,7 @@ from gigapath_core.errors import SlideOpenError, SlideReadError
 from gigapath_core.kinds import WSI, SlideReader
 from gigapath_core.units import tiff_resolution_to_mpp
 
+from ._jpeg_tiles import JpegTiles, jpeg_level
 from ._common import aperio_mpp, check_level, blockwise_thumbnail, ome_mpp, read_padded, thumbnail_level, thumbnail_size, to_rgb_uint8
 
 _ASSOCIATED = {"label", "macro", "thumbnail", "overview"}
@@ -66,6 +69,7 @@ class TiffFileWSI(WSI):
         except SlideOpenError:
             self._tif.close()
             raise
+        self._direct = None  # JpegTiles, made on the first read_region; False: no JPEG-tiled level
 
     # ------------------------------------------------------------------ structure
     def _main_series(self):
@@ -188,6 +192,14 @@ class TiffFileWSI(WSI):
                                             f"{type(err).__name__}: {err}") from None
         return to_rgb_uint8(out)
 
+    def _direct_tiles(self):
+        if self._direct is None:
+            levels = [jpeg_level(lv.page, self._tif.filehandle) for lv in self._levels]
+            reference = lambda level, x, y, w, h: self._read_inside(level, x, y, w, h)  # noqa: E731
+            self._direct = (JpegTiles(self.path, levels, reference) if any(lv is not None for lv in levels)
+                            else False)
+        return self._direct
+
     def read_region(self, location, level, size):
         level = check_level(level, len(self._levels))
         lv = self._levels[level]
@@ -195,6 +207,10 @@ class TiffFileWSI(WSI):
         x = int(round(int(location[0]) * lv.width / w0))
         y = int(round(int(location[1]) * lv.height / h0))
         w, h = int(size[0]), int(size[1])
+        direct = self._direct_tiles()
+        out = direct.read(level, x, y, w, h) if direct else None
+        if out is not None:
+            return out
         return read_padded(lambda a, b, c, d: self._read_inside(level, a, b, c, d), x, y, w, h, (lv.width, lv.height))
 
     def thumbnail(self, max_size: int) -> np.ndarray:
@@ -206,6 +222,8 @@ class TiffFileWSI(WSI):
     def close(self):
         for lv in self._levels:
             lv.memmap = None
+        if self._direct:
+            self._direct.close()
         self._tif.close()
 
 
