@@ -77,8 +77,9 @@ def jpeg_level(page, fh) -> JpegLevel | None:
         if int(page.photometric) == _RGB:
             # Aperio writes RGB-coded JPEG without a JFIF marker: libjpeg would take it for YCbCr unless told
             first = int(np.argmax(counts > 0))
-            fh.seek(int(offsets[first]) + 6)
-            jfif = fh.read(4) == b"JFIF"
+            with fh.lock:  # tifffile's FileHandle: shared position
+                fh.seek(int(offsets[first]) + 6)
+                jfif = fh.read(4) == b"JFIF"
             colorspace = None if jfif else int(imagecodecs.JPEG8.CS.RGB)
         tables = page.jpegtables
         return JpegLevel(w, h, tw, th, n_x, offsets, counts, bytes(tables) if tables else None, colorspace)

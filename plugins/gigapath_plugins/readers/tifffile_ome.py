@@ -17,6 +17,8 @@ blocks of at most 4,096 x 4,096 px.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from gigapath_core import hookimpl
@@ -194,7 +196,8 @@ class TiffFileWSI(WSI):
 
     def _direct_tiles(self):
         if self._direct is None:
-            levels = [jpeg_level(lv.page, self._tif.filehandle) for lv in self._levels]
+            fh = self._tif.filehandle
+            levels = [jpeg_level(lv.page, fh) if hasattr(os, "pread") else None for lv in self._levels]
             reference = lambda level, x, y, w, h: self._read_inside(level, x, y, w, h)  # noqa: E731
             self._direct = (JpegTiles(self.path, levels, reference) if any(lv is not None for lv in levels)
                             else False)
