@@ -35,7 +35,7 @@ from .store import STATUS_FILE, read_dataset_attrs, read_h5, read_h5_attrs, read
 from .stages.slide_embedding import SLIDE_FILE, embed_tile_features, run_slide_embedding
 from .stages.tile_embedding import EMBEDDINGS_FILE, TileDataset, embed_tiles, write_tile_embeddings
 from .masks import MaskSpec, mask_identity
-from .stages.tiling import TILES_FILE, PendingQC, open_slide, start_tiling, tiling_done
+from .stages.tiling import TILES_FILE, PendingQC, open_slide, start_tiling, qc_outputs_present
 from .stages.worker_start import start_method
 
 log = logging.getLogger("gigapath")
@@ -356,7 +356,7 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
         t0 = time.perf_counter()
         with open_slide(slide.path, cfg.readers) as wsi:
             row["reader"] = wsi.reader
-            if _stage_ok(slide_dir / TILES_FILE, fp["tiling"]) and tiling_done(slide_dir):
+            if _stage_ok(slide_dir / TILES_FILE, fp["tiling"]) and qc_outputs_present(slide_dir):
                 tiles, tattrs = read_h5(slide_dir / TILES_FILE)
             else:
                 qc.append(start_tiling(models.tiler, wsi, slide_dir, mpp, {**common, "fingerprint": fp["tiling"]},

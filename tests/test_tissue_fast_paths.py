@@ -119,10 +119,10 @@ def test_qc_outputs_are_written_after_tiles_h5_and_joined(tmp_path, example_slid
         grid, pending = tiling.start_tiling(build("tiler", "otsu"), wsi, tmp_path, None, {"slide_id": "x"})
     assert drawing.wait(30)
     assert (tmp_path / "tiles.h5").is_file() and not (tmp_path / "thumbnail.png").exists()
-    assert not tiling.tiling_done(tmp_path)
+    assert not tiling.qc_outputs_present(tmp_path)
     release.set()
     pending.wait()
-    assert tiling.tiling_done(tmp_path) and len(grid) == 49
+    assert tiling.qc_outputs_present(tmp_path) and len(grid) == 49
     assert (tmp_path / "tissue.geojson").stat().st_size > 100
 
 
@@ -145,7 +145,7 @@ def test_a_failing_qc_write_fails_that_slide_as_before_and_the_next_run_redoes_i
     monkeypatch.setattr(tiling, "write_png", real)
     assert gp.run(tiler_only(slide), out=str(out)) == 0
     assert manifest(out)["a"]["this_run"] == "processed"
-    assert tiling.tiling_done(out / "a") and (out / "a" / "tiles.h5").is_file()
+    assert tiling.qc_outputs_present(out / "a") and (out / "a" / "tiles.h5").is_file()
 
 
 def test_tiles_h5_without_its_qc_outputs_is_tiled_again(tmp_path):

@@ -15,14 +15,13 @@ Outputs in the slide folder (see :mod:`gigapath_core.store`):
 
 The two QC outputs are written by a background thread (:func:`start_tiling`) while ``tiles.h5`` is written and
 the next stage runs; the pipeline joins it before the slide's marker, so a QC write error still fails the
-slide, and a ``tiles.h5`` counts as done only next to both QC outputs (:func:`tiling_done`).
+slide, and a ``tiles.h5`` counts as done only next to both QC outputs (:func:`qc_outputs_present`).
 """
 
 from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -165,24 +164,21 @@ class PendingQC:
 
     :meth:`wait` joins it and re-raises its error. A failed QC write also removes the ``tiles.h5`` that was
     written next to it, so the slide's tiling (and its QC outputs) is redone by the next run, as when the QC
-    outputs were written before ``tiles.h5``. ``seconds`` is the thread's own time once it has finished.
+    outputs were written before ``tiles.h5``.
     """
 
     def __init__(self, slide_dir: Path, write: Callable[[], None]):
         self.slide_dir = Path(slide_dir)
-        self.seconds = 0.0
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(write,), name=f"gigapath-qc-{self.slide_dir.name}",
                                         daemon=True)
         self._thread.start()
 
     def _run(self, write: Callable[[], None]) -> None:
-        t0 = time.perf_counter()
         try:
             write()
         except BaseException as err:  # handed to wait(), in the caller's thread
             self._error = err
-        self.seconds = time.perf_counter() - t0
 
     def wait(self) -> None:
         """Block until the QC outputs are written. Raises whatever writing them raised (e.g. OSError), after
@@ -201,7 +197,7 @@ def start_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, floa
     The QC thread starts once the grid is known and runs while ``tiles.h5`` is written and the next stage
     starts; the caller must :meth:`PendingQC.wait` before the slide's marker is written (its error then fails
     the slide as a synchronous write would). QC outputs of an earlier tiling are removed first, so a
-    ``tiles.h5`` of this tiling never stands next to them (:func:`tiling_done` needs both).
+    ``tiles.h5`` of this tiling never stands next to them (:func:`qc_outputs_present` needs both).
 
     Args, Raises: as :func:`run_tiling` (the QC outputs' errors come from :meth:`PendingQC.wait`).
     """
@@ -245,8 +241,9 @@ def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float]
     return grid
 
 
-def tiling_done(slide_dir: Path) -> bool:
-    """The QC outputs that go with ``tiles.h5`` are there (a run killed while writing them left none)."""
+def qc_outputs_present(slide_dir: Path) -> bool:
+    """Both QC outputs are in ``slide_dir``: a ``tiles.h5`` counts as done only next to them (a run killed
+    while the QC thread was writing left a ``tiles.h5`` without them)."""
     return all((Path(slide_dir) / name).is_file() for name in QC_FILES)
 
 
