@@ -10,12 +10,15 @@ Slides: CMU-1-Small-Region and a pyramid of it replicated to ``--size`` px a sid
 - **bare**: ``OpenSlide(path).get_thumbnail((1024, 1024))`` -> saturation -> ``threshold_otsu`` -> mask;
 - **mask + grid**: ``open_slide`` + ``Tiler.tile`` (thumbnail, median blur, Otsu, hole filling, speck removal,
   exact occupancy grid);
-- **stage**: ``run_tiling`` (mask + grid + ``tiles.h5`` + ``thumbnail.png`` + ``tissue.geojson``), with the time
-  of each QC output measured separately.
+- **stage**: ``start_tiling`` as the pipeline runs it: mask + grid + ``tiles.h5`` on the critical path (the time
+  until ``tiles.h5`` is written: what the next stage waits for), ``thumbnail.png`` + ``tissue.geojson`` in a
+  background thread (the time until they are finished is reported too), and each QC output alone, measured
+  separately.
 
-Targets (issue #16): mask + grid <= 1.2x the bare time. Usage::
+Targets (issue #16): mask + grid <= 1.2x the bare time; QC outputs off the critical path. Usage::
 
     python benchmarks/tissue.py --out benchmarks/results/tissue.json
+    python benchmarks/tissue.py --rounds 3          # a short run: prints the rows, writes nothing
 """
 
 from __future__ import annotations
@@ -59,25 +62,27 @@ def mask_grid(path: str, tiler) -> float:
 
 
 def stage(path: str, tiler, out: Path) -> dict:
+    """The tiling stage as the pipeline runs it (``start_tiling``): the time until ``tiles.h5`` is written (what
+    the next stage waits for: the critical path) and until the background QC outputs are finished; then each
+    QC output alone, synchronously, for the record."""
     import json
 
     from gigapath_core.stages import tiling as st
 
-    t = time.perf_counter()
-    with st.open_slide(path, ["openslide", "tifffile"]) as wsi:
-        grid = tiler.tile(wsi)
-        t_grid = time.perf_counter()
-        level0 = tuple(wsi.level_dimensions[0])
-        png = st.qc_thumbnail(grid, level0)
-        st.write_png(out / "thumbnail.png", png, compress_level=1)  # as run_tiling does
-        t_png = time.perf_counter()
-        st.write_bytes(out / "tissue.geojson", json.dumps(st.tissue_geojson(grid, level0)).encode())
-        t_geo = time.perf_counter()
     t0 = time.perf_counter()
     with st.open_slide(path, ["openslide", "tifffile"]) as wsi:
-        st.run_tiling(tiler, wsi, out, None, {"slide_id": "x"})
-    run = time.perf_counter() - t0
-    return {"grid": t_grid - t, "png": t_png - t_grid, "geojson": t_geo - t_png, "run_tiling": run}
+        grid, pending = st.start_tiling(tiler, wsi, out, None, {"slide_id": "x"})
+        t_tiles = time.perf_counter()
+        pending.wait()
+        t_qc = time.perf_counter()
+        level0 = tuple(wsi.level_dimensions[0])
+    t = time.perf_counter()
+    png = st.qc_thumbnail(grid, level0)
+    st.write_png(out / "thumbnail.png", png, compress_level=1)  # as the QC thread does
+    t_png = time.perf_counter()
+    st.write_bytes(out / "tissue.geojson", json.dumps(st.tissue_geojson(grid, level0)).encode())
+    t_geo = time.perf_counter()
+    return {"tiles_h5": t_tiles - t0, "qc_done": t_qc - t0, "png": t_png - t, "geojson": t_geo - t_png}
 
 
 def main() -> None:
@@ -114,8 +119,10 @@ def main() -> None:
             row = {"slide": Path(path).name, "bare_s": round(statistics.median(a), 4),
                    "mask_grid_s": round(statistics.median(b), 4),
                    "ratio_mask_grid": round(statistics.median(b) / statistics.median(a), 3),
-                   "run_tiling_s": round(med["run_tiling"], 4),
-                   "ratio_stage": round(med["run_tiling"] / statistics.median(a), 3),
+                   "stage_tiles_h5_s": round(med["tiles_h5"], 4),
+                   "ratio_stage_tiles_h5": round(med["tiles_h5"] / statistics.median(a), 3),
+                   "stage_qc_done_s": round(med["qc_done"], 4),
+                   "ratio_stage_qc_done": round(med["qc_done"] / statistics.median(a), 3),
                    "qc_png_s": round(med["png"], 4), "qc_geojson_s": round(med["geojson"], 4),
                    "load_avg_1m": loads}
             slides.append(row)

@@ -35,7 +35,8 @@ from .store import STATUS_FILE, read_dataset_attrs, read_h5, read_h5_attrs, read
 from .stages.slide_embedding import SLIDE_FILE, embed_tile_features, run_slide_embedding
 from .stages.tile_embedding import EMBEDDINGS_FILE, TileDataset, embed_tiles, write_tile_embeddings
 from .masks import MaskSpec, mask_identity
-from .stages.tiling import TILES_FILE, open_slide, run_tiling
+from .stages.tiling import TILES_FILE, PendingQC, open_slide, start_tiling, qc_outputs_present
+from .stages.worker_start import start_method
 
 log = logging.getLogger("gigapath")
 
@@ -322,6 +323,24 @@ def _stage_failures(row: dict, slide: SlideInput) -> Iterator[None]:
         row.update(reason=f"{slide.path}: unexpected {type(err).__name__}: {err}", error_type=type(err).__name__)
 
 
+@contextlib.contextmanager
+def _joined(qc: list[PendingQC]) -> Iterator[None]:
+    """Wait for a pending QC write when a later stage fails, so that no writer outlives the slide's lock; its
+    error is reported instead of the later one (it was the first error when QC was written before tiles.h5),
+    except a ConfigError, which concerns every slide."""
+    try:
+        yield
+    except BaseException as err:
+        if qc:
+            pending = qc.pop()
+            if isinstance(err, Exception) and not isinstance(err, ConfigError):
+                pending.wait()
+            else:  # Ctrl-C, a config error: still joined, its own error is not the news
+                with contextlib.suppress(Exception):
+                    pending.wait()
+        raise
+
+
 def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dict[str, str], t_start: float,
                 on_tiles: Callable[[int, int], None] | None) -> dict:
     final_fp = fp["slide_encoder"]
@@ -332,15 +351,16 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
     common = {"slide_id": slide.slide_id, "slide_path": slide.path, "gigapath_version": __version__}
     if cfg.inputs.features:
         return _run_on_features(cfg, slide, slide_dir, fp, t_start, row, models, common)
-    with _stage_failures(row, slide):
+    qc: list[PendingQC] = []  # the tiling stage's QC outputs, written while the later stages run
+    with _stage_failures(row, slide), _joined(qc):
         t0 = time.perf_counter()
         with open_slide(slide.path, cfg.readers) as wsi:
             row["reader"] = wsi.reader
-            if _stage_ok(slide_dir / TILES_FILE, fp["tiling"]):
+            if _stage_ok(slide_dir / TILES_FILE, fp["tiling"]) and qc_outputs_present(slide_dir):
                 tiles, tattrs = read_h5(slide_dir / TILES_FILE)
             else:
-                run_tiling(models.tiler, wsi, slide_dir, mpp, {**common, "fingerprint": fp["tiling"]},
-                           mask=mask_spec(cfg, slide))
+                qc.append(start_tiling(models.tiler, wsi, slide_dir, mpp, {**common, "fingerprint": fp["tiling"]},
+                                       mask=mask_spec(cfg, slide))[1])
                 tiles, tattrs = read_h5(slide_dir / TILES_FILE)
         n = len(tiles["coords"])
         row["n_tiles"] = n
@@ -361,8 +381,10 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
                     if on_tiles:
                         on_tiles(done[0], n)
 
-                feats = embed_tiles(te, ds, batch_size=cfg.tile_encoder.batch_size,
-                                    num_workers=loader_workers(cfg.tile_encoder.num_workers, models.device),
+                workers = loader_workers(cfg.tile_encoder.num_workers, models.device)
+                if workers and qc and start_method([row["reader"]]) == "fork":
+                    qc.pop().wait()  # a child forked mid-write would inherit the QC thread's locks held
+                feats = embed_tiles(te, ds, batch_size=cfg.tile_encoder.batch_size, num_workers=workers,
                                     device=models.device, precision=cfg.tile_encoder.precision, on_batch=tick,
                                     batch_timeout_s=cfg.tile_encoder.batch_timeout_s)
                 if cfg.save_tile_png:
@@ -384,6 +406,8 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
             run_slide_embedding(se, slide_dir, EMBEDDINGS_FILE, _slide_attrs(cfg, se, common, fp),
                                 device=models.device, precision=cfg.slide_encoder.precision)
             row["seconds_slide_encoder"] = round(time.perf_counter() - t0, 3)
+        if qc:
+            qc.pop().wait()  # before status ok: a QC write error fails the slide
         row["status"] = "ok"
     row["seconds_total"] = round(time.perf_counter() - t_start, 3)
     return row

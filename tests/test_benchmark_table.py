@@ -38,3 +38,16 @@ def test_rows_carry_the_measured_ratio_target_machine_and_load(tmp_path):
                          "3.2–5.0"]
     assert rows[1].split("|")[5:7] == [" 0.90× ", " ≥ 1.7 "]
     assert "`zzz.json`: mystery (no table renderer" in _make_table().render(tmp_path)
+
+
+def test_tissue_rows_show_the_critical_path_and_the_qc_outputs(tmp_path):
+    slide = {"slide": "s.svs", "bare_s": 0.2, "mask_grid_s": 0.21, "ratio_mask_grid": 1.05, "stage_tiles_h5_s": 0.24,
+             "ratio_stage_tiles_h5": 1.2, "stage_qc_done_s": 0.5, "ratio_stage_qc_done": 2.5, "qc_png_s": 0.1,
+             "qc_geojson_s": 0.05, "load_avg_1m": [1.0, 2.0]}
+    result = {"benchmark": "tissue", "slides": [slide], "machine": {"cpu_model": "Test CPU", "cpus": 2}}
+    (tmp_path / "tissue.json").write_text(json.dumps(result))
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in _make_table().render(tmp_path).splitlines()
+            if r.startswith("| tissue detection") or r.startswith("| tiling stage")]
+    assert [r[4] for r in rows] == ["1.05×", "1.20×", "2.50×"]
+    assert rows[0][5] == "≤ 1.2" and rows[1][1] == "critical path: mask + grid + tiles.h5"
+    assert "thumbnail.png 0.10 s, tissue.geojson 0.05 s" in rows[2][1]

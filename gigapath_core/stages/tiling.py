@@ -12,12 +12,18 @@ Outputs in the slide folder (see :mod:`gigapath_core.store`):
   with a legend and a µm scale bar (:mod:`gigapath_core.stages.qc`).
 - ``tissue.geojson``: tissue polygons (with holes) in level-0 px, a FeatureCollection that QuPath imports
   (drag it onto the open slide) as "Tissue" annotations.
+
+The two QC outputs are written by a background thread (:func:`start_tiling`) while ``tiles.h5`` is written and
+the next stage runs; the pipeline joins it before the slide's marker, so a QC write error still fails the
+slide, and a ``tiles.h5`` counts as done only next to both QC outputs (:func:`qc_outputs_present`).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -149,9 +155,77 @@ def qc_thumbnail(grid: TileGrid, level0_size: tuple[int, int] | None = None, ann
     return _qc_thumbnail(grid, _mask_downsample_xy(grid, level0_size), annotations, legend)
 
 
+#: the tiling stage's QC outputs, written off the critical path (:func:`start_tiling`)
+QC_FILES = ("thumbnail.png", "tissue.geojson")
+
+
+class PendingQC:
+    """The QC outputs (``thumbnail.png``, ``tissue.geojson``) of one slide being written by a background thread.
+
+    :meth:`wait` joins it and re-raises its error. A failed QC write also removes the ``tiles.h5`` that was
+    written next to it, so the slide's tiling (and its QC outputs) is redone by the next run, as when the QC
+    outputs were written before ``tiles.h5``.
+    """
+
+    def __init__(self, slide_dir: Path, write: Callable[[], None]):
+        self.slide_dir = Path(slide_dir)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(write,), name=f"gigapath-qc-{self.slide_dir.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except BaseException as err:  # handed to wait(), in the caller's thread
+            self._error = err
+
+    def wait(self) -> None:
+        """Block until the QC outputs are written. Raises whatever writing them raised (e.g. OSError), after
+        removing ``tiles.h5`` (best effort)."""
+        self._thread.join()
+        if self._error is not None:
+            (self.slide_dir / TILES_FILE).unlink(missing_ok=True)
+            raise self._error
+
+
+def start_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float] | None, attrs: dict,
+                 mask: MaskSpec | None = None) -> tuple[TileGrid, PendingQC]:
+    """Tile ``wsi``, write ``tiles.h5`` into ``slide_dir`` and start writing ``thumbnail.png`` and
+    ``tissue.geojson`` in a background thread; :func:`run_tiling` with the QC outputs off the critical path.
+
+    The QC thread starts once the grid is known and runs while ``tiles.h5`` is written and the next stage
+    starts; the caller must :meth:`PendingQC.wait` before the slide's marker is written (its error then fails
+    the slide as a synchronous write would). QC outputs of an earlier tiling are removed first, so a
+    ``tiles.h5`` of this tiling never stands next to them (:func:`qc_outputs_present` needs both).
+
+    Args, Raises: as :func:`run_tiling` (the QC outputs' errors come from :meth:`PendingQC.wait`).
+    """
+    level0 = tuple(wsi.level_dimensions[0])
+    annotations = load_mask(mask, wsi.path, level0) if mask is not None else None
+    grid = tiler.tile(wsi, mpp, annotations) if annotations is not None else tiler.tile(wsi, mpp)
+    attrs = {**attrs, **(annotations.attrs() if annotations is not None else {"mask_path": "", "mask_mode": "none"})}
+    for name in QC_FILES:
+        (slide_dir / name).unlink(missing_ok=True)
+
+    def write_qc() -> None:
+        # zlib level 1: half the time of the default, same pixels (benchmarks/tissue.py)
+        write_png(slide_dir / "thumbnail.png", qc_thumbnail(grid, level0, annotations), compress_level=1)
+        write_bytes(slide_dir / "tissue.geojson", json.dumps(tissue_geojson(grid, level0)).encode())
+
+    pending = PendingQC(slide_dir, write_qc)
+    try:
+        write_tiles(slide_dir, grid, wsi, mpp, attrs, tiler.name)
+    except Exception:
+        pending.wait()  # no writer left behind; a QC error is reported first, as when QC was written first
+        raise
+    return grid, pending
+
+
 def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float] | None, attrs: dict,
                mask: MaskSpec | None = None) -> TileGrid:
-    """Tile ``wsi`` and write ``tiles.h5``, ``thumbnail.png`` and ``tissue.geojson`` into ``slide_dir``.
+    """Tile ``wsi`` and write ``tiles.h5``, ``thumbnail.png`` and ``tissue.geojson`` into ``slide_dir``; returns
+    once all three are written (:func:`start_tiling` returns after ``tiles.h5``).
 
     Args:
         mpp: per-slide level-0 mpp override (config ``inputs.mpp`` / CSV ``slide_mpp``), or None.
@@ -159,15 +233,23 @@ def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float]
             the tiles.h5 attrs ``mask_path``, ``mask_sha256``, ``mask_mode``... (``mask_path`` "" when none).
     Raises:
         MissingMppError, ImplausibleMppError, PixelBudgetError, SlideReadError: from the tiler; MaskError: the
-        mask is unusable (each fails the slide, the batch goes on).
+        mask is unusable (each fails the slide, the batch goes on); OSError: an output cannot be written
+        (``tiles.h5`` is then absent).
     """
-    level0 = tuple(wsi.level_dimensions[0])
-    annotations = load_mask(mask, wsi.path, level0) if mask is not None else None
-    grid = tiler.tile(wsi, mpp, annotations) if annotations is not None else tiler.tile(wsi, mpp)
-    attrs = {**attrs, **(annotations.attrs() if annotations is not None else {"mask_path": "", "mask_mode": "none"})}
-    # zlib level 1: half the time of the default on the slide's critical path, same pixels (benchmarks/tissue.py)
-    write_png(slide_dir / "thumbnail.png", qc_thumbnail(grid, level0, annotations), compress_level=1)
-    write_bytes(slide_dir / "tissue.geojson", json.dumps(tissue_geojson(grid, level0)).encode())
+    grid, pending = start_tiling(tiler, wsi, slide_dir, mpp, attrs, mask)
+    pending.wait()
+    return grid
+
+
+def qc_outputs_present(slide_dir: Path) -> bool:
+    """Both QC outputs are in ``slide_dir``: a ``tiles.h5`` counts as done only next to them (a run killed
+    while the QC thread was writing left a ``tiles.h5`` without them)."""
+    return all((Path(slide_dir) / name).is_file() for name in QC_FILES)
+
+
+def write_tiles(slide_dir: Path, grid: TileGrid, wsi: WSI, mpp: tuple[float, float] | None, attrs: dict,
+                tiler_name: str) -> None:
+    """Write ``tiles.h5`` (format_version 2, see the module docstring) for ``grid``."""
     write_h5(
         slide_dir / TILES_FILE,
         {
@@ -178,7 +260,7 @@ def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float]
         attrs={
             **attrs,
             "reader": wsi.reader,
-            "tiler": tiler.name,
+            "tiler": tiler_name,
             "source_mpp_x": float(grid.source_mpp[0]),
             "source_mpp_y": float(grid.source_mpp[1]),
             "mpp_source": "override" if mpp is not None else "metadata",
@@ -196,7 +278,6 @@ def run_tiling(tiler: Tiler, wsi: WSI, slide_dir: Path, mpp: tuple[float, float]
         dataset_attrs=tile_coords_attrs(grid, attrs.get("slide_id", ""),
                                         [float(d) for d in wsi.level_downsamples]),
     )
-    return grid
 
 
 def tile_coords_attrs(grid: TileGrid, name: str, level_downsamples: list[float]) -> dict[str, dict]:

@@ -50,17 +50,16 @@ def tissue_mask(thumb: np.ndarray, method: str = "saturation", median_size: int 
     Args:
         thumb: (h, w, 3) uint8 RGB.
         method: ``saturation`` (HSV S channel, 0-255) or ``luminance`` (255 - mean RGB: dark is tissue).
-        median_size: median-filter window (px, square) applied to the channel before thresholding; 1 = none.
-        fill_holes: fill holes enclosed by tissue (scipy ``binary_fill_holes``).
+        median_size: median-filter window (px, square) applied to the channel before thresholding; 1 = none
+            (:func:`median_blur`).
+        fill_holes: fill holes enclosed by tissue (:func:`fill_mask_holes`).
         min_area_px: remove 8-connected components with fewer px than this (:func:`remove_specks`, judged on the
             mask max-pooled by ``pool``); without ``fill_holes``, also fill (4-connected) holes with fewer px.
         min_threshold: floor on the threshold (channel units 0-255): pixels at or below it are never tissue.
     Returns:
         ((h, w) bool mask, threshold used).
     """
-    from scipy import ndimage
     from skimage import filters, morphology
-    from skimage.filters import rank
 
     if method == "saturation":  # HSV S = (max - min) / max, scaled to 0-255
         r, g, b = thumb[..., 0], thumb[..., 1], thumb[..., 2]  # 2 elementwise ops: ~5x faster than max(-1)
@@ -69,19 +68,60 @@ def tissue_mask(thumb: np.ndarray, method: str = "saturation", median_size: int 
         channel = np.rint(np.divide(delta, mx, out=np.zeros_like(mx), where=mx > 0) * 255).astype(np.uint8)
     else:
         channel = (255 - np.rint(thumb.astype(np.float32).mean(-1))).astype(np.uint8)
-    if median_size > 1:  # histogram-based rank filter: ~4x faster than scipy's generic median on uint8
-        channel = rank.median(channel, footprint=np.ones((median_size, median_size), bool))
+    if median_size > 1:
+        channel = median_blur(channel, median_size)
     thr = float(filters.threshold_otsu(channel)) if channel.min() != channel.max() else float(channel.max())
     thr = max(thr, float(min_threshold))
     mask = channel > thr
     if fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
+        mask = fill_mask_holes(mask)
     if min_area_px > 0 and mask.any():
         mask = remove_specks(mask, min_area_px, pool)
         if not fill_holes:
             limit = max(0, int(math.ceil(min_area_px)) - 1)  # fill sizes <= limit, i.e. < min_area_px
             mask = morphology.remove_small_holes(mask, max_size=limit, connectivity=1)
     return mask, thr
+
+
+def median_blur(channel: np.ndarray, size: int) -> np.ndarray:
+    """(h, w) uint8 median of each ``size`` x ``size`` window of a (h, w) uint8 image; near the border, the
+    median of the window's pixels inside the image.
+
+    Pixel for pixel ``skimage.filters.rank.median(channel, footprint=np.ones((size, size), bool))`` (the
+    tiler's filter before issue #16), 5-6x faster: OpenCV's ``medianBlur`` for the interior and ``rank.median``
+    for the band of ``size // 2`` px along each edge, where OpenCV reads replicated edge pixels
+    (``BORDER_REPLICATE``) but skimage counts only the pixels inside the image. Even sizes (which OpenCV does not
+    take) and images too small for the split go through ``rank.median`` whole.
+    """
+    from skimage.filters import rank
+
+    footprint = np.ones((size, size), bool)
+    h, w = channel.shape
+    r = size // 2
+    if size % 2 == 0 or h < 4 * r or w < 4 * r:
+        return rank.median(channel, footprint=footprint)
+    import cv2
+
+    out = cv2.medianBlur(np.ascontiguousarray(channel), size)
+    # each band's pixels see at most 2r rows (columns) from their edge: the strip's far edge does not reach them
+    out[:r] = rank.median(channel[:2 * r], footprint=footprint)[:r]
+    out[-r:] = rank.median(channel[-2 * r:], footprint=footprint)[-r:]
+    out[:, :r] = rank.median(channel[:, :2 * r], footprint=footprint)[:, :r]
+    out[:, -r:] = rank.median(channel[:, -2 * r:], footprint=footprint)[:, -r:]
+    return out
+
+
+def fill_mask_holes(mask: np.ndarray) -> np.ndarray:
+    """(h, w) bool ``mask`` with its holes filled: every background px not 4-connected through background to
+    the image border becomes tissue (= ``scipy.ndimage.binary_fill_holes``, 20-50x faster: one OpenCV flood
+    fill of the background from a 1-px frame around the image)."""
+    import cv2
+
+    h, w = mask.shape
+    background = np.ones((h + 2, w + 2), np.uint8)  # the frame: background touching every border px
+    np.logical_not(mask, out=background[1:-1, 1:-1].view(bool))
+    cv2.floodFill(background, np.zeros((h + 4, w + 4), np.uint8), (0, 0), 2, flags=4)
+    return background[1:-1, 1:-1] != 2
 
 
 #: specks are judged on a grid of at least this many µm per px (finer masks are max-pooled to it first)
@@ -97,24 +137,33 @@ def remove_specks(mask: np.ndarray, min_area_px: float, pool: int = 1) -> np.nda
     on whole slides (mask px >= 4 µm) ``pool`` is 1 and this is a plain connected-component filter. A
     component's area is its count of *unpooled* tissue px.
     """
-    from scipy import ndimage
+    import cv2
 
     pool = max(1, int(pool))
     h, w = mask.shape
-    H, W = -(-h // pool), -(-w // pool)
-    padded = np.zeros((H * pool, W * pool), bool)
-    padded[:h, :w] = mask
-    pooled = padded.reshape(H, pool, W, pool).any(axis=(1, 3)) if pool > 1 else padded
-    labels, n = ndimage.label(pooled, structure=np.ones((3, 3), bool))
-    if n == 0:
+    if pool > 1:  # tissue px per pool x pool cell: pool² strided adds (numpy's reductions over small axes are slow)
+        H, W = -(-h // pool), -(-w // pool)
+        padded = np.zeros((H * pool, W * pool), np.uint8)
+        padded[:h, :w] = mask
+        counts = np.zeros((H, W), np.int32)
+        for i in range(pool):
+            for j in range(pool):
+                counts += padded[i::pool, j::pool]
+        pooled = (counts > 0).astype(np.uint8)
+    else:
+        pooled = mask.view(np.uint8) if mask.dtype == bool and mask.flags.c_contiguous else (mask != 0).astype(np.uint8)
+    # OpenCV's labelling: ~3x faster than scipy.ndimage.label; only the per-component areas are used
+    n, labels = cv2.connectedComponents(pooled, connectivity=8, ltype=cv2.CV_32S)
+    if n <= 1:
         return mask
-    counts = padded.reshape(H, pool, W, pool).sum(axis=(1, 3)) if pool > 1 else padded.astype(np.int64)
-    area = np.bincount(labels.ravel(), weights=counts.ravel(), minlength=n + 1)
+    area = np.bincount(labels.ravel(), weights=counts.ravel() if pool > 1 else None, minlength=n)
     keep = area >= min_area_px
     keep[0] = False
+    if keep[1:].all():
+        return mask
     kept = keep[labels]
     if pool > 1:
-        kept = np.repeat(np.repeat(kept, pool, 0), pool, 1)
+        kept = np.broadcast_to(kept[:, None, :, None], (H, pool, W, pool)).reshape(H * pool, W * pool)
     return mask & kept[:h, :w]
 
 
@@ -174,7 +223,12 @@ def occupancy_grid(mask: np.ndarray, n_cols: int, n_rows: int, tile_mask_px: tup
     """
     if n_cols <= 0 or n_rows <= 0:
         return np.zeros((max(n_rows, 0), max(n_cols, 0)), np.float32)
-    integral = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    if mask.dtype == bool:  # OpenCV's summed-area table (int32, exact): ~50x faster than two float cumsums
+        import cv2
+
+        integral = cv2.integral(mask.view(np.uint8) if mask.flags.c_contiguous else mask.astype(np.uint8))
+    else:
+        integral = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     if step_mask_px is None or tuple(step_mask_px) == tuple(tile_mask_px):
         xs = np.arange(n_cols + 1) * float(tile_mask_px[0])
         ys = np.arange(n_rows + 1) * float(tile_mask_px[1])
