@@ -24,7 +24,12 @@ from gigapath_core.kinds import WSI, SlideReader
 from gigapath_core.units import tiff_resolution_to_mpp
 
 from ._jpeg_tiles import TIFF_VENDORS, JpegTiles, map_levels, tile_size_problem
-from ._common import THUMBNAIL_BLOCK_PX, blockwise_thumbnail, check_level, thumbnail_level, thumbnail_size
+from ._common import (THUMBNAIL_BLOCK_PX, blockwise_thumbnail, check_level, check_unchanged, file_stamp, thumbnail_level,
+                      thumbnail_size)
+
+
+#: OpenSlide reads of one region: a read that fails is retried on a fresh handle (see _openslide_read)
+_READ_ATTEMPTS = 3
 
 
 def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
@@ -49,6 +54,7 @@ class OpenSlideWSI(WSI):
         import openslide
 
         self.path, self.reader = str(path), reader
+        self._stamp = file_stamp(self.path)
         try:
             self._slide = openslide.OpenSlide(self.path)
         except openslide.OpenSlideUnsupportedFormatError:
@@ -170,6 +176,7 @@ class OpenSlideWSI(WSI):
         x, y = int(location[0]), int(location[1])
         level = check_level(level, len(self._dims))
         w, h = int(size[0]), int(size[1])
+        check_unchanged(self.path, self._stamp)
         self._check_tiles([level])
         direct = self._direct_tiles() if self._direct is not False else False
         if direct:
@@ -183,16 +190,16 @@ class OpenSlideWSI(WSI):
     def _openslide_read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         import openslide
 
-        # an error is reported only if it repeats on a fresh handle: a handle that failed once fails every later
-        # call, so a thread sharing it with the failing read would otherwise report a good region as corrupt
-        for retry in (False, True):
+        # an error is reported only if it repeats on fresh handles: a handle that failed once fails every later
+        # call, so a thread sharing it with a failing read would otherwise report a good region as corrupt
+        for attempt in range(_READ_ATTEMPTS):
             slide = self._acquire()
             try:
                 img = slide.read_region((x, y), level, (w, h))
                 break
             except openslide.OpenSlideError as err:
                 self._reopen(slide)
-                if retry:
+                if attempt == _READ_ATTEMPTS - 1:
                     raise SlideReadError(self.path, f"cannot decode the region at level-0 ({x}, {y}), level "
                                                     f"{level} (corrupt image data): {err}") from None
             finally:
@@ -211,6 +218,7 @@ class OpenSlideWSI(WSI):
         size = thumbnail_size(self.level_dimensions[0], max_size)
         level = thumbnail_level(self.level_dimensions, size)
         lw, lh = self.level_dimensions[level]
+        check_unchanged(self.path, self._stamp)
         self._check_tiles(range(len(self._dims)))  # get_thumbnail decodes a level of its own choosing
         slide = self._acquire()
         try:
