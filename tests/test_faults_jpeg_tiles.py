@@ -64,7 +64,7 @@ def nine(path: Path, bad: bytes) -> Path:
 
 
 def patch_tags(path: Path, **values: int) -> Path:
-    """Overwrite the first value of each named tag of the first page (e.g. TileWidth=65520)."""
+    """Overwrite the first value of each named tag of the first page (e.g. TileWidth=65488)."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
@@ -187,20 +187,23 @@ def test_byte_counts_past_the_file_or_huge_are_never_allocated(tmp_path, monkeyp
 
 
 def test_tiles_over_the_limit_fail_before_any_decode(tmp_path):
-    """A 768-px slide whose TIFF tags say 65,520 x 65,520 px tiles (the JPEG frame says so too). Before:
-    OpenSlide allocated 17 GB for the tile, and GLib aborted the whole process when it could not ("failed to
-    allocate 17171481600 bytes"); tifffile allocated 12 GiB. Now every reader fails the slide at once."""
+    """A 768-px slide whose TIFF tags say 65,488 x 65,488 px tiles and whose JPEG frame says so too (a valid
+    JPEG size: libjpeg fills the missing data). Before: the direct path and tifffile decoded 12 GiB, OpenSlide
+    allocated 17 GB for the tile (with a 65,520-px tile under a 6 GiB address-space limit, GLib aborted the
+    process: "failed to allocate 17171481600 bytes"; without a limit the decode fills it). Not run against the
+    old code here, for the machine's sake. Now every reader fails the slide at once, for a read or a
+    thumbnail."""
     from gigapath_plugins.readers._jpeg_tiles import MAX_TILE_PX
 
-    path = tiled(tmp_path / "bigtile.tif", [with_frame(jpeg(rgb(768, 768)), 65520, 65520)], 768, tile=768)
-    patch_tags(path, TileWidth=65520, TileLength=65520)
-    assert 65520**2 > MAX_TILE_PX >= 16384**2
+    path = tiled(tmp_path / "bigtile.tif", [with_frame(jpeg(rgb(768, 768)), 65488, 65488)], 768, tile=768)
+    patch_tags(path, TileWidth=65488, TileLength=65488)
+    assert 65488**2 > MAX_TILE_PX >= 16384**2
     for reader, what in (("openslide", "tiles"), ("openslide-library", "tiles"), ("tifffile", "segments")):
         with build("slide_reader", reader).open(str(path)) as wsi:
             for call in (lambda: wsi.read_region((0, 0), 0, (16, 16)), lambda: wsi.thumbnail(64)):
                 with pytest.raises(SlideReadError) as err:
                     call()
-                assert str(err.value) == (f"{path}: cannot read level 0: its {what} are 65,520 x 65,520 px, over "
+                assert str(err.value) == (f"{path}: cannot read level 0: its {what} are 65,488 x 65,488 px, over "
                                           "the 268 Mpx a reader decodes at once (a tile is decoded whole: a "
                                           "crafted or broken file)")
 
@@ -267,13 +270,13 @@ def test_slide_replaced_or_truncated_while_open_fails_with_the_reason(tmp_path, 
 
 
 def test_run_with_a_hostile_slide_finishes_the_good_one(tmp_path, example_slide):
-    """``gigapath run`` over the bundled slide and the 65,520-px-tile slide: before, OpenSlide's GLib abort
-    killed the whole run (no manifest); now the hostile slide is a failed row with its reason."""
+    """``gigapath run`` over the bundled slide and the 65,488-px-tile slide (see above: before, a decode of
+    17 GB in the run's process); now the hostile slide is a failed row with its reason, the other one is done."""
     slides = tmp_path / "slides"
     slides.mkdir()
     shutil.copy(example_slide, slides / "good.svs")
-    bad = tiled(slides / "bigtile.tif", [with_frame(jpeg(rgb(768, 768)), 65520, 65520)], 768, tile=768)
-    patch_tags(bad, TileWidth=65520, TileLength=65520)
+    bad = tiled(slides / "bigtile.tif", [with_frame(jpeg(rgb(768, 768)), 65488, 65488)], 768, tile=768)
+    patch_tags(bad, TileWidth=65488, TileLength=65488)
     cfg = tmp_path / "run.yaml"
     cfg.write_text(json.dumps({"inputs": {"slides": [str(slides / "good.svs"), str(bad)]}, "readers": ["openslide"],
                                "device": "cpu"}))
@@ -286,5 +289,54 @@ def test_run_with_a_hostile_slide_finishes_the_good_one(tmp_path, example_slide)
     assert rows["good"]["status"] == "ok" and int(rows["good"]["n_tiles"]) > 0
     row = rows["bigtile"]
     assert (row["status"], row["error_type"]) == ("failed", "SlideReadError")
-    assert row["reason"] == (f"{bad}: cannot read level 0: its tiles are 65,520 x 65,520 px, over the 268 Mpx a "
+    assert row["reason"] == (f"{bad}: cannot read level 0: its tiles are 65,488 x 65,488 px, over the 268 Mpx a "
                              "reader decodes at once (a tile is decoded whole: a crafted or broken file)")
+
+
+@pytest.mark.parametrize("tables", ["zero quantisation table", "random bytes", "no tables"])
+def test_corrupt_jpeg_tables_read_as_openslide_reads_them(tmp_path, example_slide, tables):
+    """A copy of the bundled SVS whose JPEGTables (shared DQT/DHT of its abbreviated tiles) are damaged in place:
+    the direct path gives OpenSlide's pixels (a zeroed table decodes to the same wrong colours in both, which no
+    reader can tell from a real slide) or OpenSlide's error."""
+    import tifffile
+
+    with tifffile.TiffFile(example_slide) as tif:
+        tag = tif.pages[0].tags["JPEGTables"]
+        at, old = tag.valueoffset, bytes(tag.value)
+    dqt = old.index(b"\xff\xdb")
+    new = {"zero quantisation table": old[:dqt + 5] + bytes(64) + old[dqt + 69:],
+           "random bytes": old[:2] + bytes(np.random.default_rng(0).integers(0, 256, len(old) - 2, dtype=np.uint8)),
+           "no tables": b"\xff\xd8\xff\xd9" + bytes(len(old) - 4)}[tables]
+    path = shutil.copy(example_slide, tmp_path / "tables.svs")
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(new)
+    a, b = (build("slide_reader", r).open(str(path)) for r in ("openslide", "openslide-library"))
+    boxes = [(1000, 1000), (0, 0), (1900, 2700)]
+    if tables == "zero quantisation table":
+        for box in boxes:
+            assert np.array_equal(a.read_region(box, 0, (T, T)), b.read_region(box, 0, (T, T)))
+        assert a._direct.levels[0].verified is True
+    else:
+        reason = {"random bytes": "Corrupt JPEG data", "no tables": "Quantization table 0x00 was not defined"}[tables]
+        for wsi in (a, b):
+            with pytest.raises(SlideReadError, match=f"corrupt image data\\): {reason}"):
+                wsi.read_region(boxes[0], 0, (T, T))
+
+
+def test_tiles_not_a_multiple_of_16_are_served_and_identical(tmp_path):
+    """TIFF asks for tile sizes in multiples of 16; a 250-px-tiled file (tags patched) still reads the same
+    through the direct path, OpenSlide and tifffile."""
+    t = rgb(750, 750)
+    path = tiled(tmp_path / "t250.tif", [jpeg(t[y:y + 250, x:x + 250]) for y in range(0, 750, 250)
+                                         for x in range(0, 750, 250)], 768)
+    patch_tags(path, ImageWidth=750, ImageLength=750, TileWidth=250, TileLength=250)
+    boxes = [(0, 0), (100, 100), (240, 240), (600, 600)]
+    got = {}
+    for reader in ("openslide", "openslide-library", "tifffile"):
+        with build("slide_reader", reader).open(str(path)) as wsi:
+            got[reader] = [wsi.read_region(box, 0, (200, 200)) for box in boxes]
+            if reader == "openslide":
+                assert wsi._direct.levels[0].tile_w == 250 and wsi._direct.levels[0].verified is True
+    for box, x, y, z in zip(boxes, got["openslide"], got["openslide-library"], got["tifffile"]):
+        assert np.array_equal(x, y) and np.array_equal(x, z), box

@@ -48,8 +48,9 @@ CACHE_BYTES = 64 * 2**20
 #: OpenSlide vendors whose pyramid levels are TIFF pages read tile by tile (openslide src/openslide-vendor-*.c)
 TIFF_VENDORS = ("aperio", "generic-tiff")
 #: largest TIFF tile (px) the readers decode: OpenSlide and tifffile decode a whole tile for any part of it, so
-#: one crafted 65,520 x 65,520 px tile makes OpenSlide allocate 17 GB (GLib aborts the process when it cannot).
-#: Real slides use 240-1,024 px tiles; 16,384² px is 768 MB RGB, 1 GiB in OpenSlide's ARGB buffer.
+#: one crafted 65,488 x 65,488 px tile (a valid JPEG size) makes OpenSlide allocate and decode 17 GB (GLib
+#: aborts the process when it cannot allocate). Real slides use 240-1,024 px tiles; 16,384² px is 768 MB RGB,
+#: 1 GiB in OpenSlide's ARGB buffer.
 MAX_TILE_PX = 16384 * 16384
 _JPEG = 7
 _RGB, _YCBCR = 2, 6

@@ -158,7 +158,7 @@ class OpenSlideWSI(WSI):
 
     def _check_tiles(self, levels) -> None:
         """SlideReadError when a level in ``levels`` is stored in tiles over MAX_TILE_PX: OpenSlide decodes a
-        whole tile for any read inside it (a 65,520 px tile: 17 GB, and GLib aborts the process)."""
+        whole tile for any read inside it (a 65,488 px tile: 17 GB, or a GLib abort of the process)."""
         if self._tiles is None:
             self._layout()
         for level in levels:
