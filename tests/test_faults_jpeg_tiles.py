@@ -104,16 +104,16 @@ GOOD = jpeg(rgb(T, T))
 #: case -> (hostile tile 8, OpenSlide's reason, the tifffile reader's reason or None = it decodes the tile;
 #: "JPEG tile 8: " is our check before decoding, the rest tifffile's own error)
 CASES = {
-    "frame 20000 x 20000 px": (with_frame(GOOD, 20000, 20000), "Dimensional mismatch reading JPEG, expected "
-                               "256x256, got 20000x20000", "JPEG tile 8: its JPEG header says 20000 x 20000 px, the TIFF tile "
-                               "is 256 x 256 px"),
-    "frame 128 x 128 px": (jpeg(rgb(128, 128)), "Dimensional mismatch reading JPEG", "JPEG tile 8: its JPEG header says 128 x "
-                           "128 px"),
-    "truncated": (GOOD[:len(GOOD) // 2], "Premature end of JPEG file", "JPEG tile 8: truncated JPEG data (no end-of-image "
-                  "marker)"),
+    "frame 20000 x 20000 px": (with_frame(GOOD, 20000, 20000),
+                               "Dimensional mismatch reading JPEG, expected 256x256, got 20000x20000",
+                               "JPEG tile 8: its JPEG header says 20000 x 20000 px, the TIFF tile is 256 x 256 px"),
+    "frame 128 x 128 px": (jpeg(rgb(128, 128)), "Dimensional mismatch reading JPEG",
+                           "JPEG tile 8: its JPEG header says 128 x 128 px"),
+    "truncated": (GOOD[:len(GOOD) // 2], "Premature end of JPEG file",
+                  "JPEG tile 8: truncated JPEG data (no end-of-image marker)"),
     "no end-of-image marker": (GOOD[:-2], "Premature end of JPEG file", "JPEG tile 8: truncated JPEG data"),
-    "not JPEG": (b"\xff\xd8" + bytes(range(256)) * 4, "Premature end of JPEG file", "JPEG tile 8: not a JPEG stream with a "
-                 "frame header"),
+    "not JPEG": (b"\xff\xd8" + bytes(range(256)) * 4, "Premature end of JPEG file",
+                 "JPEG tile 8: not a JPEG stream with a frame header"),
     "grey": (None, "Bogus JPEG colorspace", None),
     "CMYK": (None, "Bogus JPEG colorspace", "TiffFileError: corrupted tile"),
 }
@@ -209,13 +209,14 @@ def test_tiles_over_the_limit_fail_before_any_decode(tmp_path):
 
 
 def test_threads_reading_a_slide_with_failing_tiles(tmp_path):
-    """8 threads over a 2,048-px slide where every 7th tile (from the 4th) is truncated. Before: the direct path returned
-    grey-filled pixels for the truncated tiles, and a failing OpenSlide read closed the handle other threads
+    """8 threads over a 2,048-px slide where every 7th tile (from the 4th) is truncated. Before: the direct path
+    returned grey-filled pixels for the truncated tiles, and a failing OpenSlide read closed the handle other threads
     were reading (OpenSlide aborted the process: "_openslide_tiffcache_destroy: assertion failed", or every
     later read raised ctypes.ArgumentError "Passing closed slide object"). Now each box over a bad tile raises
     SlideReadError and every other box reads what one thread reads."""
     bad = {i for i in range(64) if i % 7 == 3}  # not 0 (read first) nor 36 (the level's check tile)
-    path = tiled(tmp_path / "threads.tif", [GOOD[:len(GOOD) // 2] if i in bad else GOOD for i in range(64)], 2048)
+    path = tiled(tmp_path / "threads.tif", [GOOD[:len(GOOD) // 2] if i in bad else GOOD for i in range(64)],
+                 2048)
     boxes = [(x, y) for y in range(0, 1920, 128) for x in range(0, 1920, 128)] * 2
 
     def over_bad(x, y):

@@ -24,8 +24,8 @@ from gigapath_core.kinds import WSI, SlideReader
 from gigapath_core.units import tiff_resolution_to_mpp
 
 from ._jpeg_tiles import TIFF_VENDORS, JpegTiles, map_levels, tile_size_problem
-from ._common import (THUMBNAIL_BLOCK_PX, blockwise_thumbnail, check_level, check_unchanged, file_stamp, thumbnail_level,
-                      thumbnail_size)
+from ._common import (THUMBNAIL_BLOCK_PX, blockwise_thumbnail, check_level, check_unchanged, file_stamp,
+                      thumbnail_level, thumbnail_size)
 
 
 #: OpenSlide reads of one region: a read that fails is retried on a fresh handle (see _openslide_read)
