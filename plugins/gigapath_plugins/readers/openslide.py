@@ -68,6 +68,7 @@ class OpenSlideWSI(WSI):
         self._downsamples = [float(d) for d in self._slide.level_downsamples]
         self._props = dict(self._slide.properties)
         self._lock = threading.Lock()  # guards _slide and _users (reads from several threads)
+        self._pid = os.getpid()
         self._users: dict = {}  # handle -> reads in progress; a replaced handle is closed when its last read ends
         self._direct = None  # JpegTiles, made on the first read_region; False: not applicable
         self._tiff = self._props.get("openslide.vendor") in TIFF_VENDORS
@@ -104,7 +105,12 @@ class OpenSlideWSI(WSI):
     def properties(self):
         return dict(self._props)
 
+    def _after_fork(self) -> None:
+        if os.getpid() != self._pid:  # a forked child: fresh lock (a parent thread may hold it), no readers
+            self._pid, self._lock, self._users = os.getpid(), threading.Lock(), {}
+
     def _acquire(self):
+        self._after_fork()
         with self._lock:
             slide = self._slide
             self._users[slide] = self._users.get(slide, 0) + 1
@@ -137,6 +143,7 @@ class OpenSlideWSI(WSI):
     def _layout(self) -> None:
         """Reads the TIFF layout once (Aperio / generic TIFF): the tile size of each level, and the
         :class:`JpegTiles` of the levels that can be decoded directly (``_direct``; False when none)."""
+        self._after_fork()
         with self._lock:
             if self._tiles is not None:
                 return
@@ -176,7 +183,6 @@ class OpenSlideWSI(WSI):
         x, y = int(location[0]), int(location[1])
         level = check_level(level, len(self._dims))
         w, h = int(size[0]), int(size[1])
-        check_unchanged(self.path, self._stamp)
         self._check_tiles([level])
         direct = self._direct_tiles() if self._direct is not False else False
         if direct:
@@ -190,6 +196,9 @@ class OpenSlideWSI(WSI):
     def _openslide_read(self, x: int, y: int, level: int, w: int, h: int) -> np.ndarray:
         import openslide
 
+        # OpenSlide may open the path again: refuse a file that is no longer the one opened (the direct path
+        # reads the opened file through its own descriptor, so its pixels never mix two files)
+        check_unchanged(self.path, self._stamp)
         # an error is reported only if it repeats on fresh handles: a handle that failed once fails every later
         # call, so a thread sharing it with a failing read would otherwise report a good region as corrupt
         for attempt in range(_READ_ATTEMPTS):
