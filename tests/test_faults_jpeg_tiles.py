@@ -349,3 +349,22 @@ def test_tiles_not_a_multiple_of_16_are_served_and_identical(tmp_path):
                 assert wsi._direct.levels[0].tile_w == 250 and wsi._direct.levels[0].verified is True
     for box, x, y, z in zip(boxes, got["openslide"], got["openslide-library"], got["tifffile"]):
         assert np.array_equal(x, y) and np.array_equal(x, z), box
+
+
+def test_a_tile_coded_unlike_the_checked_one_reads_as_openslide_reads_it(tmp_path):
+    """A Photometric-RGB level of JFIF (YCbCr) tiles with one Adobe-marked RGB-coded tile (index 8, not the
+    checked one). Before: the direct path decoded it by its Adobe marker (RGB) where OpenSlide reads it as
+    YCbCr: different pixels, silently. Now a tile whose leading marker differs from the checked tile's is read
+    by OpenSlide."""
+    import imagecodecs
+    import tifffile
+
+    odd = bytes(imagecodecs.jpeg8_encode(rgb(T, T), level=90, colorspace="RGB", outcolorspace="RGB"))
+    assert odd[6:11] == b"Adobe" and GOOD[6:10] == b"JFIF"
+    path = tmp_path / "mixed.tif"
+    tifffile.imwrite(path, iter([GOOD] * 8 + [odd]), shape=(3 * T, 3 * T, 3), dtype=np.uint8, tile=(T, T),
+                     compression="jpeg", photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    a, b = (build("slide_reader", r).open(str(path)) for r in ("openslide", "openslide-library"))
+    for box in [(0, 0), (T, T), (2 * T, 2 * T), (300, 400)]:
+        assert np.array_equal(a.read_region(box, 0, (T, T)), b.read_region(box, 0, (T, T))), box
+    assert a._direct.levels[0].verified is True and (0, 8) not in a._direct._cache and (0, 4) in a._direct._cache

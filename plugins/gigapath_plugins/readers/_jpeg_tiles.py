@@ -24,7 +24,8 @@ OpenSlide fails) sends the read to the caller's library, which reports it; so do
 the file or far beyond any JPEG of the tile's size (nothing that size is allocated), and tiles over a quarter of
 the cache. Left undetected: entropy-coded data corrupted in place with the markers intact (libjpeg only warns,
 and imagecodecs does not report warnings), which OpenSlide refuses in some cases and this path decodes to
-garbage pixels, as the ``tifffile`` reader always has. :data:`MAX_TILE_PX` bounds the tiles any reader decodes.
+garbage pixels, as the ``tifffile`` reader always has. A tile whose leading JFIF / Adobe marker differs from
+the checked tile's is left to the library too (the colour transform is read from those markers). :data:`MAX_TILE_PX` bounds the tiles any reader decodes.
 
 Processes and threads: nothing is shared across ``fork`` that could break — the file is read with ``pread``
 (no shared file offset), and a child that inherits the object replaces its lock and empties its cache on first
@@ -84,6 +85,15 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
+def jpeg_marker(data: bytes) -> bytes:
+    """The marker after SOI and, for a JFIF (APP0) or Adobe (APP14) segment, its identifier and Adobe's colour
+    transform: what decides how libjpeg and OpenSlide read the colours of a tile."""
+    head = data[2:4]
+    if head in (b"\xff\xe0", b"\xff\xee"):
+        head += data[6:11] + (data[17:18] if head == b"\xff\xee" else b"")
+    return head
+
+
 def jpeg_tile_problem(data: bytes, tile_w: int, tile_h: int, components: int | None = None) -> str | None:
     """Why a TIFF JPEG tile must not be decoded, or None. Checks only its header and ending: the frame size must
     be the tile's (else the decoder would allocate the claimed size first), and the stream must end with EOI
@@ -115,6 +125,7 @@ class JpegLevel:
     tables: bytes | None
     colorspace: int | None
     verified: bool | None = None  # None: not yet compared with the reference
+    marker: bytes | None = None  # the first decoded tile's leading marker (see jpeg_marker): every tile's must match
 
 
 def jpeg_level(page, fh) -> JpegLevel | None:
@@ -211,6 +222,12 @@ class JpegTiles:
         if len(data) != n:
             raise OSError(f"short read of JPEG tile {index} ({len(data)} of {n} bytes)")
         problem = jpeg_tile_problem(data, lv.tile_w, lv.tile_h, components=3)
+        marker = jpeg_marker(data)
+        if lv.marker is None:  # the level's first decoded tile: the one compared with the reference
+            lv.marker = marker
+        elif problem is None and marker != lv.marker:
+            # e.g. an Adobe RGB tile among JFIF ones: OpenSlide and libjpeg may read its colours differently
+            problem = f"leading marker {marker!r}, not {lv.marker!r} as the level's checked tile"
         if problem:
             raise ValueError(f"JPEG tile {index}: {problem}")
         tile = imagecodecs.jpeg8_decode(data, tables=lv.tables, colorspace=lv.colorspace,
