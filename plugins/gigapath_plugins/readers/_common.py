@@ -1,17 +1,19 @@
 """Helpers shared by the slide readers: metadata mpp parsers, bounded-memory thumbnails, white padding.
 
-Nothing here opens files; each reader module owns its library.
+Nothing here opens files (:func:`file_stamp` only stats one); each reader module owns its library.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import xml.etree.ElementTree as ET
 from typing import Callable
 
 import numpy as np
 
+from gigapath_core.errors import SlideReadError
 from gigapath_core.kinds import thumbnail_level, thumbnail_size  # noqa: F401  (re-exported for the readers)
 from gigapath_core.units import length_to_um
 
@@ -137,3 +139,30 @@ def to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
     if c == 1:
         return np.repeat(arr, 3, axis=-1)
     return arr
+
+
+def file_stamp(path: str) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime in ns) of a file, or None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def check_unchanged(path: str, stamp: tuple[int, int, int, int] | None) -> None:
+    """SlideReadError when the file at ``path`` is no longer the one ``stamp`` (:func:`file_stamp` at open)
+    describes: replaced, truncated, rewritten or deleted while open. OpenSlide opens the path again for some
+    reads, so a slide replaced mid-run would otherwise mix pixels of two files."""
+    now = file_stamp(path)
+    if stamp is None or now == stamp:
+        return
+    if now is None:
+        why = "it was deleted or moved"
+    elif now[:2] != stamp[:2]:
+        why = "another file was put at its path"
+    elif now[2] != stamp[2]:
+        why = f"its size changed ({stamp[2]:,} -> {now[2]:,} bytes)"
+    else:
+        why = "it was modified"
+    raise SlideReadError(path, f"the file changed on disk while it was open: {why}")

@@ -16,6 +16,17 @@ here equals OpenSlide's ``read_region`` of the same pixels (checked on the level
 process). Anything else — other compressions, stripped levels, empty (sparse) tiles, undecodable data — returns
 None and the caller reads through OpenSlide, so pixels and errors stay OpenSlide's.
 
+Hostile files: a tile is decoded only after its own JPEG header was checked (:func:`jpeg_tile_problem`): a
+frame size other than the TIFF tile's (a 20,000 x 20,000 px claim in a 256-px tile would otherwise be decoded
+whole before any shape check), other than 3 colour components (OpenSlide refuses grey or CMYK tiles of an RGB
+page), or no end-of-image marker (libjpeg-turbo, as imagecodecs runs it, pads a truncated tile with grey where
+OpenSlide fails) sends the read to the caller's library, which reports it; so do byte counts past the end of
+the file or far beyond any JPEG of the tile's size (nothing that size is allocated), and tiles over a quarter of
+the cache. Left undetected: entropy-coded data corrupted in place with the markers intact (libjpeg only warns,
+and imagecodecs does not report warnings), which OpenSlide refuses in some cases and this path decodes to
+garbage pixels, as the ``tifffile`` reader always has. A tile whose leading JFIF / Adobe marker differs from
+the checked tile's is left to the library too (the colour transform is read from those markers). :data:`MAX_TILE_PX` bounds the tiles any reader decodes.
+
 Processes and threads: nothing is shared across ``fork`` that could break — the file is read with ``pread``
 (no shared file offset), and a child that inherits the object replaces its lock and empties its cache on first
 use. The cache is guarded by a lock, so one object may be read from several threads.
@@ -37,8 +48,67 @@ import numpy as np
 CACHE_BYTES = 64 * 2**20
 #: OpenSlide vendors whose pyramid levels are TIFF pages read tile by tile (openslide src/openslide-vendor-*.c)
 TIFF_VENDORS = ("aperio", "generic-tiff")
+#: largest TIFF tile (px) the readers decode: OpenSlide and tifffile decode a whole tile for any part of it, so
+#: one crafted 65,488 x 65,488 px tile (a valid JPEG size) makes OpenSlide allocate and decode 17 GB (GLib
+#: aborts the process when it cannot allocate). Real slides use 240-1,024 px tiles; 16,384² px is 768 MB RGB,
+#: 1 GiB in OpenSlide's ARGB buffer.
+MAX_TILE_PX = 16384 * 16384
 _JPEG = 7
 _RGB, _YCBCR = 2, 6
+#: JPEG start-of-frame markers (ITU-T T.81 table B.1: SOF0-SOF15 except DHT C4, JPG C8, DAC CC)
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from the frame header (SOF) of a JPEG stream, or None when the stream does
+    not start with SOI or has no frame header before its first scan (T.81 annex B marker syntax)."""
+    n = len(data)
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+        elif m == 0x01 or 0xD0 <= m <= 0xD7:  # TEM, RSTn: no length
+            i += 2
+        elif m in (0xDA, 0xD9):  # scan or end of image before any frame header
+            return None
+        elif m in _SOF:
+            if i + 10 > n:
+                return None
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big"), data[i + 9]
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def jpeg_marker(data: bytes) -> bytes:
+    """The marker after SOI and, for a JFIF (APP0) or Adobe (APP14) segment, its identifier and Adobe's colour
+    transform: what decides how libjpeg and OpenSlide read the colours of a tile."""
+    head = data[2:4]
+    if head in (b"\xff\xe0", b"\xff\xee"):
+        head += data[6:11] + (data[17:18] if head == b"\xff\xee" else b"")
+    return head
+
+
+def jpeg_tile_problem(data: bytes, tile_w: int, tile_h: int, components: int | None = None) -> str | None:
+    """Why a TIFF JPEG tile must not be decoded, or None. Checks only its header and ending: the frame size must
+    be the tile's (else the decoder would allocate the claimed size first), and the stream must end with EOI
+    (trailing zero padding allowed); a stream cut short is decoded by imagecodecs with grey fill and no error.
+    ``components``: also require that many colour components."""
+    frame = jpeg_frame(data)
+    if frame is None:
+        return "not a JPEG stream with a frame header"
+    if frame[:2] != (tile_w, tile_h):
+        return f"its JPEG header says {frame[0]} x {frame[1]} px, the TIFF tile is {tile_w} x {tile_h} px"
+    if components is not None and frame[2] != components:
+        return f"{frame[2]} colour components in its JPEG header, not {components}"
+    if not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        return "truncated JPEG data (no end-of-image marker)"
+    return None
 
 
 @dataclass
@@ -55,6 +125,7 @@ class JpegLevel:
     tables: bytes | None
     colorspace: int | None
     verified: bool | None = None  # None: not yet compared with the reference
+    marker: bytes | None = None  # the first decoded tile's leading marker (see jpeg_marker): every tile's must match
 
 
 def jpeg_level(page, fh) -> JpegLevel | None:
@@ -87,11 +158,14 @@ def jpeg_level(page, fh) -> JpegLevel | None:
         return None
 
 
-def map_levels(path: str, level_dimensions: list[tuple[int, int]]) -> list[JpegLevel | None]:
-    """For each level (w, h), the JPEG-tiled TIFF page of exactly that size in the file's IFD chain, or None."""
+def map_levels(path: str, level_dimensions: list[tuple[int, int]]
+               ) -> tuple[list[JpegLevel | None], list[tuple[int, int] | None]]:
+    """For each level (w, h), the JPEG-tiled TIFF page of exactly that size in the file's IFD chain (or None),
+    and the (tile width, tile length) of the tiled page of that size, whatever its compression (or None)."""
     import tifffile
 
     out: list[JpegLevel | None] = [None] * len(level_dimensions)
+    tiles: list[tuple[int, int] | None] = [None] * len(level_dimensions)
     with tifffile.TiffFile(path) as tif:
         pages = {}
         for page in tif.pages:
@@ -101,8 +175,17 @@ def map_levels(path: str, level_dimensions: list[tuple[int, int]]) -> list[JpegL
         for i, dims in enumerate(level_dimensions):
             page = pages.get(tuple(dims))
             if page is not None:
+                tiles[i] = (int(page.tilewidth), int(page.tilelength))
                 out[i] = jpeg_level(page, tif.filehandle)
-    return out
+    return out, tiles
+
+
+def tile_size_problem(tile_w: int, tile_h: int) -> str | None:
+    """A reason when a (tile_w, tile_h) px tile is over :data:`MAX_TILE_PX`, else None."""
+    if tile_w * tile_h <= MAX_TILE_PX:
+        return None
+    return (f"its tiles are {tile_w:,} x {tile_h:,} px, over the {MAX_TILE_PX / 1e6:,.0f} Mpx a reader decodes at "
+            "once (a tile is decoded whole: a crafted or broken file)")
 
 
 class JpegTiles:
@@ -121,6 +204,7 @@ class JpegTiles:
         self.path, self.levels, self._reference = path, levels, reference
         self.cache_bytes = int(cache_bytes)
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._size = os.fstat(self._fd).st_size
         self._closer = weakref.finalize(self, os.close, self._fd)  # closes the file if close() is never called
         self._pid = os.getpid()
         self._lock = threading.Lock()
@@ -131,10 +215,21 @@ class JpegTiles:
     def _decode(self, lv: JpegLevel, index: int) -> np.ndarray:
         import imagecodecs
 
-        n = int(lv.counts[index])
-        data = os.pread(self._fd, n, int(lv.offsets[index]))
+        n, offset = int(lv.counts[index]), int(lv.offsets[index])
+        if offset < 0 or n > self._size - offset or n > 2 * lv.tile_w * lv.tile_h * 3 + 2**16:
+            raise ValueError(f"JPEG tile {index}: {n} bytes at {offset} (file {self._size} bytes)")
+        data = os.pread(self._fd, n, offset)
         if len(data) != n:
             raise OSError(f"short read of JPEG tile {index} ({len(data)} of {n} bytes)")
+        problem = jpeg_tile_problem(data, lv.tile_w, lv.tile_h, components=3)
+        marker = jpeg_marker(data)
+        if lv.marker is None:  # the level's first decoded tile: the one compared with the reference
+            lv.marker = marker
+        elif problem is None and marker != lv.marker:
+            # e.g. an Adobe RGB tile among JFIF ones: OpenSlide and libjpeg may read its colours differently
+            problem = f"leading marker {marker!r}, not {lv.marker!r} as the level's checked tile"
+        if problem:
+            raise ValueError(f"JPEG tile {index}: {problem}")
         tile = imagecodecs.jpeg8_decode(data, tables=lv.tables, colorspace=lv.colorspace,
                                         outcolorspace=imagecodecs.JPEG8.CS.RGB)
         if tile.shape != (lv.tile_h, lv.tile_w, 3) or tile.dtype != np.uint8:
@@ -206,8 +301,8 @@ class JpegTiles:
         """(h, w, 3) uint8 RGB of the box at (x, y) in ``level`` px, white outside the level; None when this
         level or box is not served here (the caller then reads it through its library)."""
         lv = self.levels[level] if 0 <= level < len(self.levels) else None
-        if lv is None or lv.verified is False or w <= 0 or h <= 0:
-            return None
+        if lv is None or lv.verified is False or w <= 0 or h <= 0 or lv.tile_w * lv.tile_h * 3 > self.cache_bytes // 4:
+            return None  # (a tile over a quarter of the cache is left to the library: never cached)
         self._after_fork()
         if lv.verified is None:
             try:

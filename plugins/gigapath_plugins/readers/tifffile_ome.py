@@ -26,7 +26,7 @@ from gigapath_core.errors import SlideOpenError, SlideReadError
 from gigapath_core.kinds import WSI, SlideReader
 from gigapath_core.units import tiff_resolution_to_mpp
 
-from ._jpeg_tiles import JpegTiles, jpeg_level
+from ._jpeg_tiles import JpegTiles, jpeg_level, jpeg_tile_problem, tile_size_problem
 from ._common import aperio_mpp, check_level, blockwise_thumbnail, ome_mpp, read_padded, thumbnail_level, thumbnail_size, to_rgb_uint8
 
 _ASSOCIATED = {"label", "macro", "thumbnail", "overview"}
@@ -168,6 +168,10 @@ class TiffFileWSI(WSI):
         if lv.memmap is not None:
             return to_rgb_uint8(np.array(lv.memmap[y:y + h, x:x + w]))
         page = lv.page
+        problem = tile_size_problem(lv.seg_w, lv.seg_h)  # a segment is decoded whole
+        if problem:
+            raise SlideReadError(self.path, f"cannot read level {level}: {problem.replace('tiles', 'segments')}")
+        check_jpeg = page.is_tiled and int(page.compression) == 7
         ty0, ty1 = y // lv.seg_h, (y + h - 1) // lv.seg_h
         tx0, tx1 = x // lv.seg_w, (x + w - 1) // lv.seg_w
         indices = [ty * lv.n_x + tx for ty in range(ty0, ty1 + 1) for tx in range(tx0, tx1 + 1)]
@@ -178,6 +182,10 @@ class TiffFileWSI(WSI):
             for data, i in fh.read_segments([page.dataoffsets[i] for i in indices],
                                              [page.databytecounts[i] for i in indices],
                                              indices=indices, sort=True, lock=fh.lock):
+                problem = jpeg_tile_problem(data, lv.seg_w, lv.seg_h) if check_jpeg and data else None
+                if problem:  # checked before decoding: a frame bigger than the tile would be decoded whole
+                    raise SlideReadError(self.path, f"cannot decode level {level} box ({x}, {y}, {w}x{h}): "
+                                                    f"JPEG tile {i}: {problem}")
                 seg, pos, _ = decode(data, i, jpegtables=page.jpegtables)
                 if seg is None:  # empty segment (bytecount 0): leave white
                     continue
