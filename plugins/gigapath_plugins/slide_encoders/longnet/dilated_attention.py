@@ -121,7 +121,8 @@ def _ragged_compact(x: torch.Tensor, start: int, tokens: int, lay: BranchLayout)
     f = tuple(x.shape[3:])
     r, n = lay.ratio, lay.per_group
     m, rem = divmod(tokens, r)
-    out = x.new_zeros((B, 1, Hp, n, *f))
+    out = x.new_empty((B, 1, Hp, n, *f))
+    out[:, :, :, m + (rem > 0):].zero_()  # rows of padding only; the others are written whole below
     rows = _compact_to_rows(out, r)  # view into out
     if m:
         rows[:, 0, :m].copy_(_rows(x, start, m, r))
@@ -131,14 +132,18 @@ def _ragged_compact(x: torch.Tensor, start: int, tokens: int, lay: BranchLayout)
     return out
 
 
-def _scatter_rows(target: torch.Tensor, start: int, tokens: int, r: int, src: torch.Tensor, weight=None) -> None:
+def _scatter_rows(target: torch.Tensor, start: int, tokens: int, r: int, src: torch.Tensor, weight=None,
+                  assign: bool = False) -> None:
     """target[positions of ``tokens`` tokens from ``start``] (+)= src rows (B, ceil(tokens/r), hp, *f, r),
-    times ``weight`` rows if given (then accumulated, else copied)."""
+    times ``weight`` rows if given (then accumulated, or with ``assign`` written: r must be 1), else copied."""
     m, rem = divmod(tokens, r)
+    assert not assign or r == 1
 
     def put(view, s, w):
         if weight is None:
             view.copy_(s)
+        elif assign:
+            torch.mul(s, w, out=view)
         else:
             view.addcmul_(s, w)
 
@@ -289,7 +294,10 @@ def dilated_attention_qkv(qkv: torch.Tensor, segment_lengths: Sequence[int], dil
                 dense[i] = own[:, :, :H]
         weights = torch.nan_to_num(torch.softmax(dense, dim=0), nan=0.0).to(acc_dtype)
 
-    out = qkv.new_zeros((B, L, H, d), dtype=acc_dtype)
+    # a first branch of ratio 1 covers every (token, head): in inference it writes the output (no zero fill),
+    # the others add to it
+    assign = lays[0].ratio == 1 and not (torch.is_grad_enabled() and qkv.requires_grad)
+    out = (qkv.new_empty if assign else qkv.new_zeros)((B, L, H, d), dtype=acc_dtype)
     for i, (lay, pieces) in enumerate(zip(lays, results)):
         Hp, r = lay.padded_heads, lay.ratio
         target = out if Hp == H else qkv.new_zeros((B, L, Hp, d), dtype=acc_dtype)
@@ -297,7 +305,7 @@ def dilated_attention_qkv(qkv: torch.Tensor, segment_lengths: Sequence[int], dil
         for start, tokens, o, _ in pieces:
             rows = _compact_to_rows(o.to(acc_dtype), r)  # (B, S, nq, hp, d, r)
             _scatter_rows(target, start, tokens, r, rows.reshape(B, -1, *rows.shape[3:]),
-                          _weight_rows(w, start, tokens, r))
+                          _weight_rows(w, start, tokens, r), assign=assign and i == 0)
         if target is not out:
             out += target[:, :, :H]
     return out.to(qkv.dtype)
