@@ -12,11 +12,12 @@ Each N runs in its own child process:
   alone (the kernel's peak-RSS counter ``VmHWM`` is reset before it), and GFLOP/s. ``flops`` is the exact count
   of the forward's matrix products (``LongNetSlideEncoder.forward_flops``; it equals
   ``torch.utils.flop_counter.FlopCounterMode`` on the ``math`` path, which the tests check). ``matmul_gflops`` is
-  this machine's fp32 matmul rate measured in the same process (best of several ``F.linear`` of the model's
-  shapes, 4,096 tokens: q/k/v, output projection, FFN in and out), before the first and after every round; the
-  compute limit of a forward is ``flops / matmul_gflops`` seconds, and ``fraction_of_limit`` = (flops /
-  median seconds) / best matmul rate: 1.0 means the whole forward runs at the speed of its GEMMs. Rounds stop at
-  ``--repeats`` or after the first round that ends past ``--round-budget`` seconds.
+  this machine's fp32 matmul rate measured in the same process (best of several ``torch.mm`` of the model's
+  linear-layer shapes, 4,096 tokens: q/k/v, output projection, FFN in and out, into preallocated outputs),
+  before the first and after every round; the compute limit of a forward is ``flops / matmul_gflops`` seconds,
+  and ``fraction_of_limit`` = (flops / median seconds) / best matmul rate: 1.0 means the whole forward runs at
+  the speed of pure GEMMs. Rounds stop at ``--repeats`` or after the first round that ends past
+  ``--round-budget`` seconds.
 - ``bf16``: one forward in bf16 (the model cast to bfloat16) per N up to ``--bf16-max``: seconds, peak RSS.
 - ``stage``: the pipeline's slide-embedding stage (``run_slide_embedding``: read ``tile_embeddings.h5``,
   encode, write ``slide_embedding.h5``) on ``--stage-n`` tiles, fp32.
@@ -85,24 +86,24 @@ def hwm_mib() -> float:
 
 
 def matmul_gflops(embed_dim: int = 768, ffn_dim: int = 3072, tokens: int = 4096, repeats: int = 3) -> float:
-    """This machine's fp32 matmul rate, GFLOP/s: best of ``repeats`` timings of the model's four linear layers
-    (q/k/v, output projection, FFN in, FFN out) on ``tokens`` tokens, as ``F.linear`` (addmm) in the model."""
+    """This machine's fp32 matmul rate, GFLOP/s: best of ``repeats`` timings of the model's four linear-layer
+    products (q/k/v, output projection, FFN in, FFN out) on ``tokens`` tokens, ``torch.mm`` into preallocated
+    outputs (pure GEMM: no bias pass, no fresh memory)."""
     import torch
-    import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
     shapes = [(embed_dim, 3 * embed_dim), (embed_dim, embed_dim), (embed_dim, ffn_dim), (ffn_dim, embed_dim)]
-    args = [(torch.randn(tokens, i, generator=g), torch.randn(o, i, generator=g), torch.randn(o, generator=g))
+    args = [(torch.randn(tokens, i, generator=g), torch.randn(o, i, generator=g).t(), torch.empty(tokens, o))
             for i, o in shapes]
     flops = sum(2 * tokens * i * o for i, o in shapes)
     with torch.inference_mode():
-        for x, w, b in args:  # warm-up
-            F.linear(x, w, b)
+        for x, w, out in args:  # warm-up
+            torch.mm(x, w, out=out)
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
-            for x, w, b in args:
-                F.linear(x, w, b)
+            for x, w, out in args:
+                torch.mm(x, w, out=out)
             best = min(best, time.perf_counter() - t0)
     return flops / best / 1e9
 

@@ -85,7 +85,10 @@ class FeedForward(nn.Module):
 
     def _core(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        h = F.gelu(h.float()).type_as(h)
+        if torch.is_grad_enabled():
+            h = F.gelu(h.float()).type_as(h)
+        else:  # in place on fc1's output (or its float32 copy): the same kernel, one buffer fewer
+            h = torch.ops.aten.gelu_(h.float()).type_as(h)
         return self.fc2(self.ffn_layernorm(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
