@@ -223,7 +223,7 @@ def compare(spec: dict) -> dict:
         rss_before = rss_mib()
         seconds: dict = {name: [] for name in paths}
         peak: dict = {}
-        loads = [os.getloadavg()[0]]
+        loads = [round(os.getloadavg()[0], 2)]
         for i in range(spec["repeats"]):
             for name, (m, backend) in paths.items():
                 set_backend(m, backend)
@@ -234,7 +234,7 @@ def compare(spec: dict) -> dict:
                 peak[name] = max(peak.get(name, 0.0), hwm_mib())
                 assert torch.isfinite(out).all()
             rates.append(matmul_gflops())
-            loads.append(os.getloadavg()[0])
+            loads.append(round(os.getloadavg()[0], 2))
             if time.perf_counter() - t_start > spec["round_budget"]:
                 break
     rate = max(rates)
