@@ -157,7 +157,8 @@ def _rows_slide_encoder(d: dict) -> list[list[str]]:
     rows = []
     for r in d.get("forward_fp32", []):
         if "error" in r:
-            rows.append([f"LongNet fp32, N = {r['n']:,}", f"failed: {r['error']}", "—", "—", "—", "—", None, None])
+            rows.append([f"LongNet fp32, N = {r['n']:,}", f"failed: {r['error']}", "—", "—", "—", "—", None,
+                         None])
             continue
         med, rss = r["median_seconds"], r["peak_rss_mib"]
         math = f"{med['math']:.3g} s (math kernel: the official maths; peak RSS {rss['math']:,.0f} MiB)" \

@@ -20,7 +20,7 @@ Each N runs in its own child process:
   ``--round-budget`` seconds.
 - ``bf16``: one forward in bf16 (the model cast to bfloat16) per N up to ``--bf16-max``: seconds, peak RSS.
 - ``stage``: the pipeline's slide-embedding stage (``run_slide_embedding``: read ``tile_embeddings.h5``,
-  encode, write ``slide_embedding.h5``) on ``--stage-n`` tiles, fp32.
+  encode, write ``slide_embedding.h5``) on ``--stage-n`` tiles (default: the largest size), fp32.
 - ``rss_fit``: least-squares line of the fused fp32 forward's peak RSS against N (slope in MiB per 1,000 tiles
   and R^2: linear growth means R^2 close to 1).
 
@@ -28,7 +28,7 @@ Usage::
 
     python benchmarks/slide_encoder.py [--sizes 1000 3000 10000 30000 70121] [--math-max 10000]
                                        [--dense-max 10000] [--bf16-max 30000] [--repeats 3]
-                                       [--round-budget 60] [--stage-n 10000] [--only fp32 ...]
+                                       [--round-budget 60] [--stage-n N] [--only fp32 ...]
                                        [--out benchmarks/results/slide_encoder.json]
 
 Prints one JSON object (and writes it to ``--out``). The tiles are random 1,536-d embeddings on a compact
@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="most alternating rounds per N")
     parser.add_argument("--round-budget", type=float, default=60,
                         help="seconds per N after which no further round starts")
-    parser.add_argument("--stage-n", type=int, default=10000, help="tiles for the stage run (0: skip)")
+    parser.add_argument("--stage-n", type=int, default=None, help="tiles for the stage run (default: the largest "
+                                                                   "size; 0: skip)")
     parser.add_argument("--only", nargs="+", default=None, choices=["build", "fp32", "bf16", "stage"],
                         help="run only these parts")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child process")
@@ -326,8 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
     if "bf16" in parts:
         result["forward_bf16"] = [run_child({"kind": "forward", "n": n, "dtype": "bf16"}, args.timeout)
                                   for n in args.sizes if n <= args.bf16_max]
-    if "stage" in parts and args.stage_n:
-        result["stage"] = run_child({"kind": "stage", "n": args.stage_n}, args.timeout)
+    stage_n = max(args.sizes) if args.stage_n is None else args.stage_n
+    if "stage" in parts and stage_n:
+        result["stage"] = run_child({"kind": "stage", "n": stage_n}, args.timeout)
     result["machine"]["loadavg_at_end"] = os.getloadavg()
     text = json.dumps(result, indent=2)
     print(text)
