@@ -165,8 +165,35 @@ def _rows_executors(d: dict) -> list[list[str]]:
     return rows
 
 
+def _rows_slide_encoder(d: dict) -> list[list[str]]:
+    rows = []
+    for r in d.get("forward_fp32", []):
+        if "error" in r:
+            rows.append([f"LongNet fp32, N = {r['n']:,}", f"failed: {r['error']}", "—", "—", "—", "—", None,
+                         None])
+            continue
+        med, rss = r["median_seconds"], r["peak_rss_mib"]
+        math = f"{med['math']:.3g} s (math kernel: the official maths; peak RSS {rss['math']:,.0f} MiB)" \
+            if "math" in med else "— (math kernel not run at this N)"
+        what = (f"forward 12L-768d, fused kernel: {r['flops']['fused'] / 1e9:,.0f} GFLOP at "
+                f"{r['gflops_per_s']['fused']:.0f} GFLOP/s = **{r['fraction_of_limit']['fused']:.0%} of the compute "
+                f"limit** (measured fp32 matmul rate {r['matmul_gflops']:.0f} GFLOP/s: {r['compute_limit_s']:.3g} s); "
+                f"peak RSS {rss['fused']:,.0f} MiB; {r['rounds']} round(s)")
+        ratio = f"{r['math_over_fused']:.2f}×" if "math_over_fused" in r else "—"
+        rows.append([f"LongNet fp32, N = {r['n']:,}", what, f"{med['fused']:.3g} s", math, ratio,
+                     "≥ 5× or at compute limit" if r["n"] >= 3000 else "—", None, _span(r.get("load_avg_1m", []))])
+    fit = d.get("rss_fit") or {}
+    if fit:
+        sizes = [r["n"] for r in d.get("forward_fp32", []) if "error" not in r]
+        rows.append(["LongNet fp32 memory", f"peak RSS of the fused forward vs N ({min(sizes):,}–{max(sizes):,} "
+                     f"tiles): least-squares line, R² = {fit['r2']:.3f}",
+                     f"{fit['mib_per_1000_tiles']:.3g} MiB per 1,000 tiles + {fit['intercept_mib']:,.0f} MiB", "—",
+                     "—", "linear in N", None, None])
+    return rows
+
+
 RENDER = {"input_path": _rows_input_path, "finetune_cache": _rows_finetune_cache, "tiling": _rows_tiling, "tissue": _rows_tissue, "resample": _rows_resample,
-          "tile_encoder": _rows_tile_encoder, "executors": _rows_executors}
+          "tile_encoder": _rows_tile_encoder, "executors": _rows_executors, "slide_encoder": _rows_slide_encoder}
 
 
 def render(results: Path = RESULTS) -> str:

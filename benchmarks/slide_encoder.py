@@ -1,29 +1,39 @@
-"""LongNet slide encoder (12 layers x 768): forward time and peak RSS vs tile count, dense-attention baseline.
+"""LongNet slide encoder (12 layers x 768): forward time, FLOP rate and peak RSS vs tile count, against the
+official maths (issue #16.4 and #16.6).
 
-Each measurement runs in its own child process, so peak RSS (``ru_maxrss``) belongs to that measurement only:
+Each N runs in its own child process:
 
 - ``build``: RSS after importing the plugin and after building the 12L-768d model (random weights).
-- ``forward``: one forward pass (inference mode, after a 64-tile warm-up) for N tiles in fp32, and in bf16
-  (the model cast to bfloat16) up to ``--bf16-max`` tiles: seconds, peak RSS, and RSS before the forward.
-- ``dense``: the same model with one dense attention branch (segment = whole sequence, ratio 1), i.e. plain
-  global attention through the same fused kernel, up to ``--dense-max`` tiles.
-- ``ratio``: in ONE process at ``--ratio-n`` tiles, interleaved runs of dilated attention (fused kernel),
-  dense attention, and dilated attention with the plain-PyTorch ``math`` kernel (the reference's plain
-  softmax): medians and ratios. On a machine shared with other jobs these ratios are the numbers to compare;
-  absolute seconds are noisy.
+- ``fp32`` (one child per N): in ONE process, alternating rounds of the same forward (inference mode, one slide)
+  with three attention paths on the same weights: ``fused`` (the default: PyTorch's fused CPU kernel), ``math``
+  (the plain-PyTorch kernel: matmul + logsumexp + exp, the official implementation's maths; up to
+  ``--math-max`` tiles, it is the bare reference), and ``dense`` (one global attention branch through the fused
+  kernel; up to ``--dense-max`` tiles). Per path: seconds of every round, the median, peak RSS of that forward
+  alone (the kernel's peak-RSS counter ``VmHWM`` is reset before it), and GFLOP/s. ``flops`` is the exact count
+  of the forward's matrix products (``LongNetSlideEncoder.forward_flops``; it equals
+  ``torch.utils.flop_counter.FlopCounterMode`` on the ``math`` path, which the tests check). ``matmul_gflops`` is
+  this machine's fp32 matmul rate measured in the same process (best of several ``torch.mm`` of the model's
+  linear-layer shapes, 4,096 tokens: q/k/v, output projection, FFN in and out, into preallocated outputs),
+  before the first and after every round; the compute limit of a forward is ``flops / matmul_gflops`` seconds,
+  and ``fraction_of_limit`` = (flops / median seconds) / best matmul rate: 1.0 means the whole forward runs at
+  the speed of pure GEMMs. Rounds stop at ``--repeats`` or after the first round that ends past
+  ``--round-budget`` seconds.
+- ``bf16``: one forward in bf16 (the model cast to bfloat16) per N up to ``--bf16-max``: seconds, peak RSS.
 - ``stage``: the pipeline's slide-embedding stage (``run_slide_embedding``: read ``tile_embeddings.h5``,
   encode, write ``slide_embedding.h5``) on ``--stage-n`` tiles (default: the largest size), fp32.
-- ``rss_fit``: least-squares line of peak RSS against N over the fp32 forwards (slope in MiB per 1,000 tiles and
-  R^2: linear growth means R^2 close to 1).
+- ``rss_fit``: least-squares line of the fused fp32 forward's peak RSS against N (slope in MiB per 1,000 tiles
+  and R^2: linear growth means R^2 close to 1).
 
 Usage::
 
-    python benchmarks/slide_encoder.py [--sizes 1000 3000 10000 30000 70121] [--bf16-max 30000]
-                                       [--dense-max 10000] [--ratio-n 3000] [--repeats 2] [--stage-n N]
-                                       [--out result.json]
+    python benchmarks/slide_encoder.py [--sizes 1000 3000 10000 30000 70121] [--math-max 10000]
+                                       [--dense-max 10000] [--bf16-max 30000] [--repeats 3]
+                                       [--round-budget 60] [--stage-n N] [--only fp32 ...]
+                                       [--out benchmarks/results/slide_encoder.json]
 
 Prints one JSON object (and writes it to ``--out``). The tiles are random 1,536-d embeddings on a compact
-blob of distinct 256-px cells in row-major order, like a slide's tissue.
+blob of distinct 256-px cells in row-major order, like a slide's tissue. On a machine shared with other jobs
+absolute seconds are noise: compare the same-process ratios and fractions.
 """
 
 from __future__ import annotations
@@ -51,6 +61,51 @@ def rss_mib() -> float:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_mib() -> float:
+    """Peak RSS since the last :func:`reset_peak_rss` (``VmHWM``), MiB; ``ru_maxrss`` where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mib()
+
+
+def matmul_gflops(embed_dim: int = 768, ffn_dim: int = 3072, tokens: int = 4096, repeats: int = 3) -> float:
+    """This machine's fp32 matmul rate, GFLOP/s: best of ``repeats`` timings of the model's four linear-layer
+    products (q/k/v, output projection, FFN in, FFN out) on ``tokens`` tokens, ``torch.mm`` into preallocated
+    outputs (pure GEMM: no bias pass, no fresh memory)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(embed_dim, 3 * embed_dim), (embed_dim, embed_dim), (embed_dim, ffn_dim), (ffn_dim, embed_dim)]
+    args = [(torch.randn(tokens, i, generator=g), torch.randn(o, i, generator=g).t(), torch.empty(tokens, o))
+            for i, o in shapes]
+    flops = sum(2 * tokens * i * o for i, o in shapes)
+    with torch.inference_mode():
+        for x, w, out in args:  # warm-up
+            torch.mm(x, w, out=out)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for x, w, out in args:
+                torch.mm(x, w, out=out)
+            best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
 
 
 def slide_inputs(n: int, seed: int = 0):
@@ -97,8 +152,10 @@ def child(spec: dict) -> dict:
                 "peak_rss_mib": round(peak_rss_mib(), 1), "seconds": round(time.perf_counter() - t0, 2),
                 "params": sum(p.numel() for p in model.parameters())}
     n = spec["n"]
-    if kind in ("forward", "dense"):
-        model = build_model(dense_n=n if kind == "dense" else None)
+    if kind == "compare":
+        return compare(spec)
+    if kind == "forward":
+        model = build_model()
         dtype = torch.bfloat16 if spec.get("dtype") == "bf16" else torch.float32
         model = model.to(dtype)
         x, c = slide_inputs(n)
@@ -136,27 +193,65 @@ def child(spec: dict) -> dict:
         assert emb.shape == (768,) and np.isfinite(emb).all()
         return {"n": n, "seconds": round(seconds, 2), "rss_before_stage_mib": round(before, 1),
                 "peak_rss_mib": round(peak_rss_mib(), 1)}
-    if kind == "ratio":
-        model = build_model()
-        dense = build_model(dense_n=n)
-        dense.load_state_dict(model.state_dict())
-        x, c = slide_inputs(n)
-        runs = {"dilated_fused": [], "dense_fused": [], "dilated_math": []}
-        with torch.inference_mode():
-            model(x[:, :64], c[:, :64])
-            for _ in range(spec["repeats"]):
-                for name in runs:
-                    m = dense if name == "dense_fused" else model
-                    set_backend(m, "math" if name == "dilated_math" else "auto")
-                    t0 = time.perf_counter()
-                    m(x, c)
-                    runs[name].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) for k, v in runs.items()}
-        return {"n": n, "seconds": {k: [round(s, 2) for s in v] for k, v in runs.items()},
-                "median_seconds": {k: round(v, 2) for k, v in med.items()},
-                "dense_over_dilated": round(med["dense_fused"] / med["dilated_fused"], 3),
-                "math_kernel_over_fused": round(med["dilated_math"] / med["dilated_fused"], 3)}
     raise ValueError(kind)
+
+
+def compare(spec: dict) -> dict:
+    """Alternating rounds of the fused, math and dense paths at ``spec["n"]`` tiles in this process (see the
+    module doc); returns seconds, GFLOP/s, fraction of the matmul rate and peak RSS per path."""
+    import torch
+
+    n, t_start = spec["n"], time.perf_counter()
+    model = build_model()
+    paths = {"fused": (model, "auto")}
+    if n <= spec["math_max"]:
+        paths["math"] = (model, "math")
+    if n <= spec["dense_max"]:
+        dense = build_model(dense_n=n)
+        dense.load_state_dict(model.state_dict(), assign=True)  # the same weight tensors: no extra memory
+        paths["dense"] = (dense, "auto")
+    flops = {name: m.forward_flops(n) for name, (m, _) in paths.items()}
+    x, c = slide_inputs(n)
+    with torch.inference_mode():
+        for m, backend in paths.values():  # warm-up (allocator, oneDNN kernels)
+            set_backend(m, backend)
+            m(x[:, :64], c[:, :64])
+            if m is not model:  # share the stacked q/k/v weight copies too (keyed by the shared tensors)
+                for a, b in zip(model.encoder.layers, m.encoder.layers):
+                    b.self_attn._qkv_cache = a.self_attn._qkv_cache
+        rates = [matmul_gflops()]
+        rss_before = rss_mib()
+        seconds: dict = {name: [] for name in paths}
+        peak: dict = {}
+        loads = [round(os.getloadavg()[0], 2)]
+        for i in range(spec["repeats"]):
+            for name, (m, backend) in paths.items():
+                set_backend(m, backend)
+                reset_peak_rss()
+                t0 = time.perf_counter()
+                out = m(x, c)
+                seconds[name].append(time.perf_counter() - t0)
+                peak[name] = max(peak.get(name, 0.0), hwm_mib())
+                assert torch.isfinite(out).all()
+            rates.append(matmul_gflops())
+            loads.append(round(os.getloadavg()[0], 2))
+            if time.perf_counter() - t_start > spec["round_budget"]:
+                break
+    rate = max(rates)
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    row = {"n": n, "rounds": len(seconds["fused"]), "matmul_gflops": round(rate, 1),
+           "matmul_gflops_all": [round(r, 1) for r in rates],
+           "flops": flops, "compute_limit_s": round(flops["fused"] / rate / 1e9, 2),
+           "seconds": {k: [round(s, 2) for s in v] for k, v in seconds.items()},
+           "median_seconds": {k: round(v, 2) for k, v in med.items()},
+           "gflops_per_s": {k: round(flops[k] / v / 1e9, 1) for k, v in med.items()},
+           "fraction_of_limit": {k: round(flops[k] / v / 1e9 / rate, 3) for k, v in med.items()},
+           "rss_before_forward_mib": round(rss_before, 1),
+           "peak_rss_mib": {k: round(v, 1) for k, v in peak.items()}, "load_avg_1m": loads}
+    for k in ("math", "dense"):
+        if k in med:
+            row[f"{k}_over_fused"] = round(med[k] / med["fused"], 3)
+    return row
 
 
 def run_child(spec: dict, timeout: float) -> dict:
@@ -173,14 +268,16 @@ def run_child(spec: dict, timeout: float) -> dict:
     return out
 
 
-def rss_fit(rows: list[dict]) -> dict:
+def rss_fit(rows: list[dict], path: str | None = "fused") -> dict:
+    """Least-squares line of peak RSS (of ``path`` where rows hold one per path) against N."""
     import numpy as np
 
     ok = [r for r in rows if "peak_rss_mib" in r]
     if len(ok) < 3:
         return {}
     n = np.array([r["n"] for r in ok], dtype=float)
-    rss = np.array([r["peak_rss_mib"] for r in ok])
+    rss = np.array([r["peak_rss_mib"][path] if isinstance(r["peak_rss_mib"], dict) else r["peak_rss_mib"]
+                    for r in ok])
     slope, intercept = np.polyfit(n, rss, 1)
     pred = slope * n + intercept
     r2 = 1 - ((rss - pred) ** 2).sum() / ((rss - rss.mean()) ** 2).sum()
@@ -190,13 +287,16 @@ def rss_fit(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 3000, 10000, 30000, 70121])
-    parser.add_argument("--bf16-max", type=int, default=30000, help="largest N measured in bf16 (0: none)")
+    parser.add_argument("--math-max", type=int, default=10000,
+                        help="largest N of the math (official maths) reference (0: none)")
     parser.add_argument("--dense-max", type=int, default=10000, help="largest N of the dense baseline (0: none)")
-    parser.add_argument("--ratio-n", type=int, default=3000, help="N of the same-process ratio (0: skip)")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the ratio runs")
-    parser.add_argument("--stage-n", type=int, default=None, help="tiles for the stage run (default: largest "
+    parser.add_argument("--bf16-max", type=int, default=30000, help="largest N measured in bf16 (0: none)")
+    parser.add_argument("--repeats", type=int, default=3, help="most alternating rounds per N")
+    parser.add_argument("--round-budget", type=float, default=60,
+                        help="seconds per N after which no further round starts")
+    parser.add_argument("--stage-n", type=int, default=None, help="tiles for the stage run (default: the largest "
                                                                    "size; 0: skip)")
-    parser.add_argument("--only", nargs="+", default=None, choices=["build", "ratio", "fp32", "bf16", "dense", "stage"],
+    parser.add_argument("--only", nargs="+", default=None, choices=["build", "fp32", "bf16", "stage"],
                         help="run only these parts")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per child process")
     parser.add_argument("--out", default=None)
@@ -212,23 +312,22 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {**machine_info(),
                     "loadavg_at_start": os.getloadavg(),
                     "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "")},
-        "note": "each row is a separate process; absolute seconds on a shared machine are noisy, compare ratios",
+        "note": "each N is a separate process; fused, math and dense alternate in it. Absolute seconds on a "
+                "shared machine are noisy: compare the same-process ratios and fraction_of_limit",
     }
-    parts = set(args.only or ["build", "ratio", "fp32", "bf16", "dense", "stage"])
-    stage_n = max(args.sizes) if args.stage_n is None else args.stage_n
+    parts = set(args.only or ["build", "fp32", "bf16", "stage"])
     if "build" in parts:
         result["build"] = run_child({"kind": "build"}, args.timeout)
-    if "ratio" in parts and args.ratio_n:
-        result["ratio"] = run_child({"kind": "ratio", "n": args.ratio_n, "repeats": args.repeats}, args.timeout)
     if "fp32" in parts:
-        result["forward_fp32"] = [run_child({"kind": "forward", "n": n}, args.timeout) for n in args.sizes]
+        result["forward_fp32"] = [run_child({"kind": "compare", "n": n, "math_max": args.math_max,
+                                             "dense_max": args.dense_max, "repeats": args.repeats,
+                                             "round_budget": args.round_budget}, args.timeout)
+                                  for n in args.sizes]
         result["rss_fit"] = rss_fit(result["forward_fp32"])
     if "bf16" in parts:
         result["forward_bf16"] = [run_child({"kind": "forward", "n": n, "dtype": "bf16"}, args.timeout)
                                   for n in args.sizes if n <= args.bf16_max]
-    if "dense" in parts:
-        result["dense_fp32"] = [run_child({"kind": "dense", "n": n}, args.timeout)
-                                for n in args.sizes if n <= args.dense_max]
+    stage_n = max(args.sizes) if args.stage_n is None else args.stage_n
     if "stage" in parts and stage_n:
         result["stage"] = run_child({"kind": "stage", "n": stage_n}, args.timeout)
     result["machine"]["loadavg_at_end"] = os.getloadavg()

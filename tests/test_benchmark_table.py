@@ -51,3 +51,27 @@ def test_tissue_rows_show_the_critical_path_and_the_qc_outputs(tmp_path):
     assert [r[4] for r in rows] == ["1.05×", "1.20×", "2.50×"]
     assert rows[0][5] == "≤ 1.2" and rows[1][1] == "critical path: mask + grid + tiles.h5"
     assert "thumbnail.png 0.10 s, tissue.geojson 0.05 s" in rows[2][1]
+
+
+def test_slide_encoder_rows_show_the_math_ratio_and_the_fraction_of_the_compute_limit(tmp_path):
+    row = {"n": 3000, "rounds": 2, "matmul_gflops": 150.0, "flops": {"fused": 7.405e11, "math": 7.405e11},
+           "compute_limit_s": 4.94, "median_seconds": {"fused": 5.5, "math": 13.3},
+           "gflops_per_s": {"fused": 134.6, "math": 55.7}, "fraction_of_limit": {"fused": 0.897, "math": 0.371},
+           "peak_rss_mib": {"fused": 1160.0, "math": 1290.0}, "math_over_fused": 2.418, "load_avg_1m": [0.4, 1.1]}
+    big = {**row, "n": 70121, "median_seconds": {"fused": 200.0}, "peak_rss_mib": {"fused": 3500.0}}
+    for k in ("math_over_fused",):
+        big.pop(k)
+    result = {"benchmark": "slide_encoder", "forward_fp32": [row, big, {"n": 90000, "error": "timed out"}],
+              "rss_fit": {"mib_per_1000_tiles": 34.5, "intercept_mib": 1070.0, "r2": 0.994},
+              "machine": {"cpu_model": "Test CPU", "cpus": 2, "load_avg": [0.4, 0, 0]}}
+    (tmp_path / "slide_encoder.json").write_text(json.dumps(result))
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in _make_table().render(tmp_path).splitlines()
+            if r.startswith("| LongNet")]
+    assert len(rows) == 4
+    assert rows[0][2:6] == ["5.5 s", "13.3 s (math kernel: the official maths; peak RSS 1,290 MiB)", "2.42×",
+                            "≥ 5× or at compute limit"]
+    assert "**90% of the compute limit**" in rows[0][1] and "matmul rate 150 GFLOP/s" in rows[0][1]
+    assert rows[0][6:] == ["Test CPU, 2 cores", "0.4–1.1"]
+    assert rows[1][3:5] == ["— (math kernel not run at this N)", "—"]
+    assert "timed out" in rows[2][1]
+    assert rows[3][2] == "34.5 MiB per 1,000 tiles + 1,070 MiB" and "R² = 0.994" in rows[3][1]

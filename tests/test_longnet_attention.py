@@ -139,3 +139,41 @@ def test_branch_weights_are_constants_in_backward(backend):
     full = grads(lambda q, k, v: oracle(q, k, v, segs, ratios, detach_weights=False))
     assert torch.allclose(ours, const, atol=1e-10), (ours - const).abs().max()
     assert (ours - full).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("padding", ["reference", "masked"])
+@pytest.mark.parametrize("L,H,segments,ratios", [(300, 8, [64, 100, 256, 1024], [1, 2, 4, 8]),
+                                                 (301, 6, [37, 128, 512], [3, 4, 16])])
+def test_attention_flops_equal_the_flop_counter_on_the_math_kernel(L, H, segments, ratios, padding):
+    """Several segments per branch, ragged tails, segments not divisible by r (padding inside them), head
+    padding (H % r != 0), and masked padding keys: the analytic count equals every matmul the math kernel runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gigapath_plugins.slide_encoders.longnet.dilated_attention import attention_flops
+
+    d = 8
+    q, k, v = (t[None] for t in _qkv(L, H, d, dtype=torch.float32))
+    with FlopCounterMode(display=False) as counter:
+        dilated_attention(q, k, v, segments, ratios, segment_padding=padding, backend="math")
+    expected = counter.get_total_flops()
+    got = attention_flops(L, segments, ratios, H, d, 1, padding)
+    assert got == expected
+    assert attention_flops(L, segments, ratios, H, d, 3, padding) == 3 * expected
+    dense = 4 * L * L * H * d  # one branch, one segment: plain global attention
+    assert attention_flops(L, [L], [1], H, d) == dense
+
+
+def test_model_forward_flops_equal_the_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gigapath_plugins.slide_encoders.longnet import LongNetSlideEncoder
+
+    torch.manual_seed(0)
+    model = LongNetSlideEncoder(in_chans=24, embed_dim=32, depth=2, num_heads=4, segment_lengths=[64, 128, 512],
+                                dilated_ratios=[1, 2, 4], attention_backend="math").eval()
+    n = 299
+    x = torch.randn(2, n, 24)
+    coords = torch.stack([torch.arange(n) % 20, torch.arange(n) // 20], -1)[None].expand(2, -1, -1) * 256
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, coords)
+    assert model.forward_flops(n, batch=2) == counter.get_total_flops()

@@ -121,7 +121,8 @@ def _ragged_compact(x: torch.Tensor, start: int, tokens: int, lay: BranchLayout)
     f = tuple(x.shape[3:])
     r, n = lay.ratio, lay.per_group
     m, rem = divmod(tokens, r)
-    out = x.new_zeros((B, 1, Hp, n, *f))
+    out = x.new_empty((B, 1, Hp, n, *f))
+    out[:, :, :, m + (rem > 0):].zero_()  # rows of padding only; the others are written whole below
     rows = _compact_to_rows(out, r)  # view into out
     if m:
         rows[:, 0, :m].copy_(_rows(x, start, m, r))
@@ -131,14 +132,18 @@ def _ragged_compact(x: torch.Tensor, start: int, tokens: int, lay: BranchLayout)
     return out
 
 
-def _scatter_rows(target: torch.Tensor, start: int, tokens: int, r: int, src: torch.Tensor, weight=None) -> None:
+def _scatter_rows(target: torch.Tensor, start: int, tokens: int, r: int, src: torch.Tensor, weight=None,
+                  assign: bool = False) -> None:
     """target[positions of ``tokens`` tokens from ``start``] (+)= src rows (B, ceil(tokens/r), hp, *f, r),
-    times ``weight`` rows if given (then accumulated, else copied)."""
+    times ``weight`` rows if given (then accumulated, or with ``assign`` written: r must be 1), else copied."""
     m, rem = divmod(tokens, r)
+    assert not assign or r == 1
 
     def put(view, s, w):
         if weight is None:
             view.copy_(s)
+        elif assign:
+            torch.mul(s, w, out=view)
         else:
             view.addcmul_(s, w)
 
@@ -167,7 +172,7 @@ def _weight_rows(w: torch.Tensor, start: int, tokens: int, r: int) -> torch.Tens
 def _attend_piece(q, k, v, real: int, lay: BranchLayout, padding: str, backend: str, scale: float):
     """Attention of compact queries q (G, Hp, nq, d) over compact keys k, v (G, Hp, n, d) of segments holding
     ``real`` real positions. Returns out (G, Hp, nq, d) and lse (G, Hp, nq)."""
-    counts = [max(0, -(-(real - g) // lay.ratio)) for g in range(lay.ratio)]  # real keys per head group
+    counts = _keys_per_group(real, lay)
     if padding == "reference" or all(c == lay.per_group for c in counts):
         return attention_with_lse(q, k, v, scale, backend)
     G, Hp, nq, d = q.shape
@@ -185,6 +190,37 @@ def _attend_piece(q, k, v, real: int, lay: BranchLayout, padding: str, backend: 
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
 
+def _keys_per_group(real: int, lay: BranchLayout) -> list[int]:
+    """Real keys of each head group in a segment holding ``real`` real positions (the rest is padding)."""
+    return [max(0, -(-(real - g) // lay.ratio)) for g in range(lay.ratio)]
+
+
+def _pieces(lay: BranchLayout) -> list[tuple[int, int, int, int]]:
+    """The attention calls of one branch: ``(start, tokens, segments, queries)`` of each piece. Complete aligned
+    segments form one piece (all ``per_group`` queries); each ragged segment is one, with only its real queries."""
+    pieces = [(0, lay.n_full * lay.segment, lay.n_full, lay.per_group)] if lay.aligned and lay.n_full else []
+    return pieces + [(start, tokens, 1, -(-tokens // lay.ratio)) for start, tokens in lay.ragged_segments()]
+
+
+def attention_flops(length: int, segment_lengths: Sequence[int], dilated_ratios: Sequence[int], num_heads: int,
+                    head_dim: int, batch: int = 1, segment_padding: SegmentPadding = "reference") -> int:
+    """Floating-point operations of :func:`dilated_attention` on ``batch`` sequences of ``length`` tokens: the two
+    matrix products (q k^T and p v, a multiply-add counting 2) of every (segment, head) as this module runs them,
+    padding keys and head padding included, padding-only queries excluded; the softmax is not counted.
+
+    Equals what ``torch.utils.flop_counter.FlopCounterMode`` counts for the ``math`` backend (which the fused CPU
+    kernel does not report); ``tests/test_longnet_attention.py`` checks it. Int (exact)."""
+    total = 0
+    for s, r in zip(segment_lengths, dilated_ratios):
+        lay = branch_layout(length, int(s), int(r), num_heads)
+        for _, tokens, segments, queries in _pieces(lay):
+            keys = _keys_per_group(tokens // segments, lay)  # real keys per head group of each segment
+            if segment_padding == "reference" or all(c == lay.per_group for c in keys):
+                keys = [lay.per_group] * r
+            total += 4 * batch * segments * queries * head_dim * lay.heads_per_group * sum(keys)
+    return total
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -195,17 +231,17 @@ def _branch(q, k, v, lay: BranchLayout, padding: str, backend: str, scale: float
     B, L, Hp, d = q.shape
     r, n = lay.ratio, lay.per_group
     pieces = []
-    nf = lay.n_full if lay.aligned else 0
-    if nf:  # complete segments: compact copies of strided views (no copy at all when r == 1)
-        qc, kc, vc = (_rows_to_compact(_rows(t, 0, nf * n, r).reshape(B, nf, n, lay.heads_per_group, d, r))
-                      .reshape(B * nf, Hp, n, d) for t in (q, k, v))
-        o, lse = _attend_piece(qc, kc, vc, lay.segment, lay, padding, backend, scale)
-        pieces.append((0, nf * lay.segment, o.view(B, nf, Hp, n, d), lse.view(B, nf, Hp, n)))
-    for start, tokens in lay.ragged_segments():  # the tail (and misaligned segments): only real queries
-        nq = -(-tokens // r)
-        qc, kc, vc = (_ragged_compact(t, start, tokens, lay)[:, 0] for t in (q, k, v))
-        o, lse = _attend_piece(qc[:, :, :nq], kc, vc, tokens, lay, padding, backend, scale)
-        pieces.append((start, tokens, o.unsqueeze(1), lse.unsqueeze(1)))
+    for start, tokens, nf, nq in _pieces(lay):
+        if lay.aligned and tokens == nf * lay.segment:
+            # complete segments: compact copies of strided views (no copy at all when r == 1)
+            qc, kc, vc = (_rows_to_compact(_rows(t, 0, nf * n, r).reshape(B, nf, n, lay.heads_per_group, d, r))
+                          .reshape(B * nf, Hp, n, d) for t in (q, k, v))
+            o, lse = _attend_piece(qc, kc, vc, lay.segment, lay, padding, backend, scale)
+            pieces.append((0, nf * lay.segment, o.view(B, nf, Hp, n, d), lse.view(B, nf, Hp, n)))
+        else:  # the tail (and misaligned segments): only real queries
+            qc, kc, vc = (_ragged_compact(t, start, tokens, lay)[:, 0] for t in (q, k, v))
+            o, lse = _attend_piece(qc[:, :, :nq], kc, vc, tokens, lay, padding, backend, scale)
+            pieces.append((start, tokens, o.unsqueeze(1), lse.unsqueeze(1)))
     return pieces
 
 
@@ -258,7 +294,10 @@ def dilated_attention_qkv(qkv: torch.Tensor, segment_lengths: Sequence[int], dil
                 dense[i] = own[:, :, :H]
         weights = torch.nan_to_num(torch.softmax(dense, dim=0), nan=0.0).to(acc_dtype)
 
-    out = qkv.new_zeros((B, L, H, d), dtype=acc_dtype)
+    # a first branch of ratio 1 covers every (token, head): in inference it writes the output (no zero fill),
+    # the others add to it
+    assign = lays[0].ratio == 1 and not (torch.is_grad_enabled() and qkv.requires_grad)
+    out = (qkv.new_empty if assign else qkv.new_zeros)((B, L, H, d), dtype=acc_dtype)
     for i, (lay, pieces) in enumerate(zip(lays, results)):
         Hp, r = lay.padded_heads, lay.ratio
         target = out if Hp == H else qkv.new_zeros((B, L, Hp, d), dtype=acc_dtype)
@@ -266,7 +305,7 @@ def dilated_attention_qkv(qkv: torch.Tensor, segment_lengths: Sequence[int], dil
         for start, tokens, o, _ in pieces:
             rows = _compact_to_rows(o.to(acc_dtype), r)  # (B, S, nq, hp, d, r)
             _scatter_rows(target, start, tokens, r, rows.reshape(B, -1, *rows.shape[3:]),
-                          _weight_rows(w, start, tokens, r))
+                          _weight_rows(w, start, tokens, r), assign=assign and i == 0)
         if target is not out:
             out += target[:, :, :H]
     return out.to(qkv.dtype)

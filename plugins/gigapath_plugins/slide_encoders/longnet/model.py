@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from gigapath_core.errors import ConfigError
 from gigapath_core.kinds import PluginParams, SlideEncoder
 
-from .dilated_attention import DilatedSelfAttention
+from .dilated_attention import DilatedSelfAttention, attention_flops
 from .kernels import BACKENDS
 from .position import coords_to_cells, position_embedding
 
@@ -85,7 +85,10 @@ class FeedForward(nn.Module):
 
     def _core(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        h = F.gelu(h.float()).type_as(h)
+        if torch.is_grad_enabled():
+            h = F.gelu(h.float()).type_as(h)
+        else:  # in place on fc1's output (or its float32 copy): the same kernel, one buffer fewer
+            h = torch.ops.aten.gelu_(h.float()).type_as(h)
         return self.fc2(self.ffn_layernorm(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,6 +238,19 @@ class LongNetSlideEncoder(SlideEncoder):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward_flops(self, n_tiles: int, batch: int = 1) -> int:
+        """Floating-point operations of one inference forward of ``batch`` slides of ``n_tiles`` tiles each (no
+        padding): every matrix product (a multiply-add counting 2; tile projection, q/k/v/output projections,
+        FFN, dilated attention as :func:`.dilated_attention.attention_flops`), not the element-wise work. Equals
+        ``torch.utils.flop_counter.FlopCounterMode``'s count with ``attention_backend="math"`` (int, exact)."""
+        layer = self.encoder.layers[0]
+        attn, E, L = layer.self_attn, self.embed_dim, n_tiles + 1
+        F_ = layer.ffn.fc1.out_features
+        linear = 2 * batch * L * (4 * E * E + 2 * E * F_)  # q, k, v, out; fc1, fc2
+        dilated = attention_flops(L, attn.segment_lengths, attn.dilated_ratios, attn.num_heads, attn.head_dim, batch,
+                                  attn.segment_padding)
+        return 2 * batch * n_tiles * self.in_dim * E + self.depth * (linear + dilated)
 
     # ------------------------------------------------------------------------------------------- forward
     def embed_tokens(self, tile_embeds: torch.Tensor, coords: torch.Tensor, padding_mask: torch.Tensor | None = None
