@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import gigapath_core as gp
-from gigapath_core.config import apply_overrides
+from gigapath_core.config import apply_overrides, load_raw
 from gigapath_core.errors import ConfigError
 
 
@@ -111,3 +111,20 @@ def test_negative_workers_rejected(example_slide, tmp_path):
     cfg["tile_encoder"]["num_workers"] = -1
     with pytest.raises(ConfigError, match=r"^tile_encoder\.num_workers: Value error, must be >= 0 or 'auto'"):
         gp.run(cfg, out=str(tmp_path))
+
+
+@pytest.mark.parametrize("text, where, problem", [
+    ("inputs:\n  slides: [a.svs,\nreaders: x\n", ":4:1", "expected ',' or ']', but got '<stream end>'"),
+    ("inputs:\n\tslides: []\n", ":2:1", "found character '\\t' that cannot start any token"),
+])
+def test_yaml_syntax_errors_name_line_column_and_problem(tmp_path, text, where, problem):
+    from gigapath_core.reports.prompt import load_exemplars
+
+    path = tmp_path / "typo.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_raw(path)
+    assert str(err.value) == f"{path}{where} is not valid YAML: {problem}"
+    with pytest.raises(ConfigError) as err:  # the report-cleaning exemplars file says the same
+        load_exemplars(path)
+    assert str(err.value).endswith(f"{path}{where} is not valid YAML: {problem}")
