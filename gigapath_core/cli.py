@@ -11,13 +11,38 @@ import warnings
 from .errors import GigapathError
 
 
+# Libraries whose own log lines are about a file being read, not about the run: tifffile ("invalid page offset"),
+# libvips through pyvips ("VIPS: bad number, line 1, column 3" when it sniffs a CSV). Each reader's failure is
+# recorded with the slide (manifest reason, console line), so these lines are shown only with -v, labelled.
+LIBRARY_LOGGERS = ("tifffile", "pyvips")
+
+
+class _LibraryLines(logging.Filter):
+    """Drops the log records of :data:`LIBRARY_LOGGERS` from the console, or with ``-v`` shows them as DEBUG
+    lines prefixed with the library's name."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] not in LIBRARY_LOGGERS:
+            return True
+        if not self.verbose:
+            return False
+        record.msg, record.args = f"{record.name}: {record.getMessage()}", None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
     from .progress import console
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False, show_time=False)])
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    handler.addFilter(_LibraryLines(verbose))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler])
     # pyvips forwards libvips' GLib log (~20 "INFO VIPS: ..." lines per slide) to its logger "pyvips"
     for noisy in ("PIL", "h5py", "matplotlib", "urllib3", "filelock", "httpx", "huggingface_hub", "pyvips"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -116,3 +116,23 @@ def test_an_output_path_through_a_file_is_refused_by_validate_as_by_run(tmp_path
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"gigapath: error: output: {afile} exists and is not a folder"
     assert afile.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_log_lines_stay_off_the_console_unless_verbose(verbose):
+    code = ("import logging, sys; from gigapath_core.cli import _setup_logging; _setup_logging(sys.argv[1] == '1'); "
+            "logging.getLogger('tifffile').error('<tifffile.TiffPages @1275950> invalid page offset 1474362'); "
+            "logging.getLogger('pyvips').warning('VIPS: bad number, line 1, column 3'); "
+            "logging.getLogger('gigapath_core.pipeline').warning('slide x failed: truncated')")
+    env = {**os.environ, "GIGAPATH_PROGRESS": "0", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-c", code, "1" if verbose else "0"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "WARNING  slide x failed: truncated" in out  # the project's own lines are untouched
+    if verbose:  # labelled with the library, demoted to DEBUG
+        assert "DEBUG    tifffile: <tifffile.TiffPages @1275950> invalid page offset 1474362" in out
+        assert "DEBUG    pyvips: VIPS: bad number, line 1, column 3" in out
+        assert "ERROR" not in out
+    else:
+        assert "invalid page offset" not in out and "bad number" not in out
