@@ -128,3 +128,23 @@ def test_yaml_syntax_errors_name_line_column_and_problem(tmp_path, text, where, 
     with pytest.raises(ConfigError) as err:  # the report-cleaning exemplars file says the same
         load_exemplars(path)
     assert str(err.value).endswith(f"{path}{where} is not valid YAML: {problem}")
+
+
+def test_a_glob_leaves_out_non_slide_files_with_one_warning(tmp_path, caplog):
+    from gigapath_core.config import InputsConfig, collect_slides
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.svs", "b.ome.tif", "README.md", "reports.csv", "notes.TXT", "photo.png"):
+        (data / name).write_bytes(b"x")
+    (tmp_path / "list.csv").write_text("slide_path\ndata/reports.csv\n")
+    inputs = InputsConfig(slides=["data/*", "data/README.md"], manifest="list.csv")
+    with caplog.at_level("WARNING", logger="gigapath"):
+        slides = collect_slides(inputs, tmp_path)
+    # the glob keeps slides and images (pyvips reads them); a named path and a manifest row are never left out
+    assert [s.slide_id for s in slides] == ["a", "b", "photo", "README", "reports"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "inputs.slides[0]: left out 3 file(s) that are not slides (.csv, .md, .txt): README.md, notes.TXT, reports.csv"]
+    with pytest.raises(ConfigError, match=r"^inputs\.slides\[0\]: no slide file matches '\*\.md' \(looked in .*data\); "
+                                          r"left out 1 file\(s\) that are not slides \(\.md\): README\.md$"):
+        collect_slides(InputsConfig(slides=["data/*.md"]), tmp_path)
