@@ -249,11 +249,37 @@ def build_parser() -> argparse.ArgumentParser:
     from .reports.cli import add_reports_parser  # gigapath reports exemplars|clean (issue #15)
 
     add_reports_parser(sub)
+    _verbose_after_the_command(p)
     return p
 
 
+def _verbose_after_the_command(parser: argparse.ArgumentParser) -> None:
+    """``-v/--verbose`` on every subcommand too (``gigapath validate X -v``), at any depth (``reports clean``).
+    SUPPRESS as default: a subcommand without ``-v`` keeps the top-level value (``gigapath -v run X``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                   help="debug logging (tracebacks of failed slides)")
+                _verbose_after_the_command(child)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """``parse_args``, with a hint for ``--set key.path value`` (a space instead of ``=``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        hint = ""
+        no_eq = [s for s in (getattr(args, "set", None) or []) if "=" not in s]
+        if no_eq:
+            hint = (f" (--set takes KEY.PATH=VALUE in one word: --set {no_eq[0]}={extra[0]}, "
+                    f"not --set {no_eq[0]} {extra[0]})")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     _setup_logging(args.verbose)
     warnings.simplefilter("default")
     try:

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, pydantic_message
 from .slide_ids import fold_key, slide_id_problem
 from .non_slides import left_out_message, split_non_slides
 from .yaml_load import load_yaml
@@ -193,8 +193,8 @@ def pydantic_errors(err: ValidationError, prefix: str = "", model: Any = None) -
                 if best is not None:
                     msg += f"; did you mean {best!r}?"
                     suggested.add(loc[:-1] + (best,))
-        elif e.get("input") is not None and e["type"] not in ("missing",):
-            msg = f"{msg} (got {short_repr(e['input'])})"
+        else:
+            msg = pydantic_message(e)
         out.append((e["type"] == "missing", loc, ConfigError(_key_path(loc, prefix), msg)))
     kept = [c for missing, loc, c in out if not (missing and loc in suggested)]
     return ConfigErrors.of(kept)

@@ -79,6 +79,7 @@ def test_cli_prints_one_line_error_and_exits_2(example_slide, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "gigapath: error: tiler.params.tile_size: Input should be a valid integer, unable to parse string as an integer"
+        " (got 'x')"
     ]
 
 
@@ -148,3 +149,15 @@ def test_a_glob_leaves_out_non_slide_files_with_one_warning(tmp_path, caplog):
     with pytest.raises(ConfigError, match=r"^inputs\.slides\[0\]: no slide file matches '\*\.md' \(looked in .*data\); "
                                           r"left out 1 file\(s\) that are not slides \(\.md\): README\.md$"):
         collect_slides(InputsConfig(slides=["data/*.md"]), tmp_path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tiler.params.min_occupancy=2", "tiler.params.min_occupancy: Input should be less than or equal to 1 (got 2)"),
+    ("tile_encoder.batch_size=sixteen", "tile_encoder.batch_size: Input should be a valid integer (got 'sixteen')"),
+])
+def test_out_of_range_values_are_shown_in_the_message(example_slide, tmp_path, override, message):
+    from gigapath_core.validate import validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(_config(example_slide, tiler={"name": "otsu"}), out=str(tmp_path / "out"), sets=[override])
+    assert str(err.value) == message

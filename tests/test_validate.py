@@ -136,3 +136,28 @@ def test_library_log_lines_stay_off_the_console_unless_verbose(verbose):
         assert "ERROR" not in out
     else:
         assert "invalid page offset" not in out and "bad number" not in out
+
+
+@pytest.mark.parametrize("argv, verbose", [
+    (["validate", "x.yaml", "-v"], True),
+    (["validate", "x.yaml", "--verbose"], True),
+    (["-v", "validate", "x.yaml"], True),  # before the command still works, and is not reset by the subcommand
+    (["validate", "x.yaml"], False),
+    (["reports", "clean", "x.yaml", "-v"], True),  # a nested command too
+    (["doctor", "-v"], True),
+])
+def test_verbose_is_accepted_after_the_command(argv, verbose):
+    from gigapath_core.cli import _parse
+
+    assert _parse(argv).verbose is verbose
+
+
+def test_set_with_a_space_instead_of_equals_says_the_form(capsys):
+    from gigapath_core.cli import _parse
+
+    with pytest.raises(SystemExit) as exit_:
+        _parse(["validate", "x.yaml", "--set", "tiler.params.min_occupancy", "0.2"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "gigapath: error: unrecognized arguments: 0.2 (--set takes KEY.PATH=VALUE in one word: "
+        "--set tiler.params.min_occupancy=0.2, not --set tiler.params.min_occupancy 0.2)")
