@@ -161,3 +161,13 @@ def test_set_with_a_space_instead_of_equals_says_the_form(capsys):
     assert capsys.readouterr().err.splitlines()[-1] == (
         "gigapath: error: unrecognized arguments: 0.2 (--set takes KEY.PATH=VALUE in one word: "
         "--set tiler.params.min_occupancy=0.2, not --set tiler.params.min_occupancy 0.2)")
+
+
+def test_pool_workers_keep_library_log_lines_off_the_console():
+    code = ("import logging; from gigapath_core.executors.local import _init_worker; import os; "
+            "_init_worker(1, os.getppid()); "
+            "logging.getLogger('tifffile').error('invalid page offset 1474362'); "
+            "logging.getLogger('gigapath').warning('own line')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["own line"]  # Python's last-resort handler still prints our own lines
