@@ -45,7 +45,7 @@ def validate_params(kind: str, name: str, overrides: dict[str, Any] | None = Non
     try:
         validated = info.cls.Params(**params)
     except ValidationError as err:
-        from .errors import ConfigErrors
+        from .errors import ConfigErrors, pydantic_message
         from .suggest import did_you_mean
 
         prefix = f"{key_path or kind}.params"
@@ -53,7 +53,7 @@ def validate_params(kind: str, name: str, overrides: dict[str, Any] | None = Non
         found = []
         for e in err.errors():
             loc = ".".join(str(p) for p in e["loc"])
-            msg = e["msg"]
+            msg = pydantic_message(e)
             if e["type"] == "extra_forbidden":
                 msg = f"unknown parameter for {kind} {info.name!r}; valid: {', '.join(fields)}"
                 msg += did_you_mean(str(e["loc"][-1]), fields) if e["loc"] else ""

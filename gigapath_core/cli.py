@@ -11,13 +11,38 @@ import warnings
 from .errors import GigapathError
 
 
+# Libraries whose own log lines are about a file being read, not about the run: tifffile ("invalid page offset"),
+# libvips through pyvips ("VIPS: bad number, line 1, column 3" when it sniffs a CSV). Each reader's failure is
+# recorded with the slide (manifest reason, console line), so these lines are shown only with -v, labelled.
+LIBRARY_LOGGERS = ("tifffile", "pyvips")
+
+
+class _LibraryLines(logging.Filter):
+    """Drops the log records of :data:`LIBRARY_LOGGERS` from the console, or with ``-v`` shows them as DEBUG
+    lines prefixed with the library's name."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] not in LIBRARY_LOGGERS:
+            return True
+        if not self.verbose:
+            return False
+        record.msg, record.args = f"{record.name}: {record.getMessage()}", None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
     from .progress import console
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False, show_time=False)])
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    handler.addFilter(_LibraryLines(verbose))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler])
     # pyvips forwards libvips' GLib log (~20 "INFO VIPS: ..." lines per slide) to its logger "pyvips"
     for noisy in ("PIL", "h5py", "matplotlib", "urllib3", "filelock", "httpx", "huggingface_hub", "pyvips"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -224,11 +249,37 @@ def build_parser() -> argparse.ArgumentParser:
     from .reports.cli import add_reports_parser  # gigapath reports exemplars|clean (issue #15)
 
     add_reports_parser(sub)
+    _verbose_after_the_command(p)
     return p
 
 
+def _verbose_after_the_command(parser: argparse.ArgumentParser) -> None:
+    """``-v/--verbose`` on every subcommand too (``gigapath validate X -v``), at any depth (``reports clean``).
+    SUPPRESS as default: a subcommand without ``-v`` keeps the top-level value (``gigapath -v run X``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                   help="debug logging (tracebacks of failed slides)")
+                _verbose_after_the_command(child)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """``parse_args``, with a hint for ``--set key.path value`` (a space instead of ``=``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        hint = ""
+        no_eq = [s for s in (getattr(args, "set", None) or []) if "=" not in s]
+        if no_eq:
+            hint = (f" (--set takes KEY.PATH=VALUE in one word: --set {no_eq[0]}={extra[0]}, "
+                    f"not --set {no_eq[0]} {extra[0]})")
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     _setup_logging(args.verbose)
     warnings.simplefilter("default")
     try:

@@ -19,8 +19,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, pydantic_message
 from .slide_ids import fold_key, slide_id_problem
+from .non_slides import left_out_message, split_non_slides
 from .yaml_load import load_yaml
 
 log = logging.getLogger("gigapath")
@@ -192,8 +193,8 @@ def pydantic_errors(err: ValidationError, prefix: str = "", model: Any = None) -
                 if best is not None:
                     msg += f"; did you mean {best!r}?"
                     suggested.add(loc[:-1] + (best,))
-        elif e.get("input") is not None and e["type"] not in ("missing",):
-            msg = f"{msg} (got {short_repr(e['input'])})"
+        else:
+            msg = pydantic_message(e)
         out.append((e["type"] == "missing", loc, ConfigError(_key_path(loc, prefix), msg)))
     kept = [c for missing, loc, c in out if not (missing and loc in suggested)]
     return ConfigErrors.of(kept)
@@ -292,7 +293,8 @@ def _inside(p: Path, folder: Path | None) -> bool:
 def _glob(pattern: Path, key: str, out: Path | None) -> list[Path]:
     """Files matching ``pattern``: regular files, plus broken or looping symlinks (each then fails as its own
     slide, with the reason in the manifest); folders and special files are left out, and so is anything
-    under the output folder ``out`` (our own outputs are not slides; a warning says how many)."""
+    under the output folder ``out`` (our own outputs are not slides; a warning says how many), and files whose
+    suffix is never a slide's (:mod:`gigapath_core.non_slides`: README.md, CSVs...; one warning lists them)."""
     found, under_out = [], []
     for m in sorted(glob.glob(str(pattern), recursive=True)):
         p = Path(m)
@@ -300,6 +302,9 @@ def _glob(pattern: Path, key: str, out: Path | None) -> list[Path]:
             under_out.append(p)
         elif p.is_file() or (p.is_symlink() and not p.exists()):
             found.append(p)
+    found, not_slides = split_non_slides(found)
+    if not_slides:
+        log.warning("%s: %s", key, left_out_message(not_slides))
     if under_out:
         log.warning("%s: left out %d file(s) under the output folder %s (e.g. %s)", key, len(under_out), out,
                     under_out[0])
@@ -308,7 +313,9 @@ def _glob(pattern: Path, key: str, out: Path | None) -> list[Path]:
                                f"folder {out}; gigapath's outputs are not slides: choose an output folder that does "
                                f"not hold the slides")
     if not found:
-        raise ConfigError(key, f"no file matches {pattern.name!r} (looked in {pattern.parent})")
+        what = f"no slide file matches {pattern.name!r}" if not_slides else f"no file matches {pattern.name!r}"
+        raise ConfigError(key, f"{what} (looked in {pattern.parent})"
+                          + (f"; {left_out_message(not_slides)}" if not_slides else ""))
     return found
 
 

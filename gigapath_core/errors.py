@@ -111,3 +111,13 @@ class ReaderWorkerDiedError(SlideError):
 class NonFiniteError(SlideError):
     """A model produced NaN or infinite outputs for this slide; the message names the stage, the count and the
     likely cause (weights, reduced precision). Nothing is written for that stage."""
+
+
+def pydantic_message(e: dict) -> str:
+    """One pydantic error's message with the value given (``"Input should be less than or equal to 1 (got 2)"``,
+    ``"... (got 'sixteen')"``); a missing or empty value adds nothing."""
+    from .config import short_repr
+
+    if e.get("input") is None or e["type"] == "missing" or "(got " in e["msg"]:
+        return e["msg"]
+    return f"{e['msg']} (got {short_repr(e['input'])})"

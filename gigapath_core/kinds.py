@@ -41,8 +41,21 @@ class Plugin:
 
     @classmethod
     def describe(cls) -> str:
-        doc = (cls.__doc__ or "").strip().splitlines()
-        return doc[0] if doc else ""
+        """The docstring's first sentence on one line (its first paragraph up to a '.', '!' or '?' outside
+        brackets that ends the text or is followed by a space and a capital), without RST ``literal`` or
+        :role:`x` markup: the description ``gigapath plugins`` shows."""
+        import inspect
+        import re
+
+        para = " ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n", 1)[0].split())
+        para = re.sub(r":\w+:`~?([^`]*)`", r"\1", para).replace("`", "")
+        depth = 0
+        for i, ch in enumerate(para):
+            depth += (ch in "([{") - (ch in ")]}")
+            ends = i + 1 == len(para) or (para[i + 1] == " " and para[i + 2:i + 3].isupper())
+            if ch in ".!?" and depth <= 0 and ends:
+                return para[: i + 1]
+        return para
 
 
 def thumbnail_size(level0: tuple[int, int], max_size: int) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, pydantic_message
 from .hookspecs import KINDS
 from .yaml_load import load_yaml
 
@@ -71,7 +71,7 @@ class Preset(BaseModel):
 def _error_path(err: ValidationError, prefix: str) -> ConfigError:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
-    return ConfigError(loc, e["msg"])
+    return ConfigError(loc, pydantic_message(e))
 
 
 def read_registry_file(path: str | Path) -> dict[str, Preset]:

@@ -87,19 +87,28 @@ def _refuse(source: str, what: str) -> None:
     raise ConfigError("", f"{source}: refused: the YAML {what}; see docs/promises.md (limits)")
 
 
+def yaml_error_message(source: str, err: yaml.YAMLError) -> str:
+    """``"<source>:<line>:<col> is not valid YAML: <problem>"`` (1-based line and column of PyYAML's
+    ``problem_mark``; the problem falls back to the ``context``, then to the message's first line)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err).splitlines()[0]
+    return f"{source}{where} is not valid YAML: {problem}"
+
+
 def load_yaml(text: str, source: str = "<yaml>") -> Any:
     """``yaml.safe_load(text)`` within the budget above.
 
     Raises:
-        ConfigError: over budget (see the module docstring), or not valid YAML (first line of the parser's
-            message, prefixed with ``source``).
+        ConfigError: over budget (see the module docstring), or not valid YAML (``source:line:col`` and the
+            parser's problem, see ``yaml_error_message``).
     """
     loader = _BudgetLoader(text)
     loader.source = source
     try:
         return loader.get_single_data()
     except yaml.YAMLError as err:
-        raise ConfigError("", f"{source} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError("", yaml_error_message(source, err)) from None
     except RecursionError:  # PyYAML's composer recurses once per nesting level
         raise ConfigError("", f"{source}: refused: the YAML nests too deeply; see docs/promises.md (limits)") from None
     finally:

@@ -205,3 +205,21 @@ def test_batch_records_each_failure_and_resumes(shared_data, corrupt_tile_pyrami
     assert attrs["mpp_source"] == "override" and attrs["source_mpp_x"] == 0.5
     assert np.isfinite(attrs["source_mpp_y"])
     shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("cut, hint", [
+    (1_000_000, "file truncated? (the TIFF points past its end: offset 1,275,950 > size 1,000,000)"),
+    (1_275_960,  # the first IFD starts inside but ends outside (2 + 16 * 12 + 4 B)
+     "file truncated? (the TIFF points past its end: IFD at 1,275,950 ends at 1,276,148 > size 1,275,960)"),
+    (1_938_955, None),  # the whole file: no hint (and it opens)
+])
+def test_a_cut_tiff_is_reported_as_truncated(example_slide, tmp_path, cut, hint):
+    from gigapath_core.stages.tiling import _tiff_points_past_end
+
+    path = tmp_path / "cut.svs"
+    path.write_bytes(example_slide.read_bytes()[:cut])
+    assert _tiff_points_past_end(path) == hint
+    if hint:
+        with pytest.raises(SlideOpenError) as err:
+            open_slide(str(path), READERS)
+        assert str(err.value).startswith(f"{path}: no reader could open it — {hint}; openslide: ")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import gigapath_core as gp
-from gigapath_core.config import apply_overrides
+from gigapath_core.config import apply_overrides, load_raw
 from gigapath_core.errors import ConfigError
 
 
@@ -79,6 +79,7 @@ def test_cli_prints_one_line_error_and_exits_2(example_slide, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "gigapath: error: tiler.params.tile_size: Input should be a valid integer, unable to parse string as an integer"
+        " (got 'x')"
     ]
 
 
@@ -111,3 +112,52 @@ def test_negative_workers_rejected(example_slide, tmp_path):
     cfg["tile_encoder"]["num_workers"] = -1
     with pytest.raises(ConfigError, match=r"^tile_encoder\.num_workers: Value error, must be >= 0 or 'auto'"):
         gp.run(cfg, out=str(tmp_path))
+
+
+@pytest.mark.parametrize("text, where, problem", [
+    ("inputs:\n  slides: [a.svs,\nreaders: x\n", ":4:1", "expected ',' or ']', but got '<stream end>'"),
+    ("inputs:\n\tslides: []\n", ":2:1", "found character '\\t' that cannot start any token"),
+])
+def test_yaml_syntax_errors_name_line_column_and_problem(tmp_path, text, where, problem):
+    from gigapath_core.reports.prompt import load_exemplars
+
+    path = tmp_path / "typo.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_raw(path)
+    assert str(err.value) == f"{path}{where} is not valid YAML: {problem}"
+    with pytest.raises(ConfigError) as err:  # the report-cleaning exemplars file says the same
+        load_exemplars(path)
+    assert str(err.value).endswith(f"{path}{where} is not valid YAML: {problem}")
+
+
+def test_a_glob_leaves_out_non_slide_files_with_one_warning(tmp_path, caplog):
+    from gigapath_core.config import InputsConfig, collect_slides
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.svs", "b.ome.tif", "README.md", "reports.csv", "notes.TXT", "photo.png"):
+        (data / name).write_bytes(b"x")
+    (tmp_path / "list.csv").write_text("slide_path\ndata/reports.csv\n")
+    inputs = InputsConfig(slides=["data/*", "data/README.md"], manifest="list.csv")
+    with caplog.at_level("WARNING", logger="gigapath"):
+        slides = collect_slides(inputs, tmp_path)
+    # the glob keeps slides and images (pyvips reads them); a named path and a manifest row are never left out
+    assert [s.slide_id for s in slides] == ["a", "b", "photo", "README", "reports"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "inputs.slides[0]: left out 3 file(s) that are not slides (.csv, .md, .txt): README.md, notes.TXT, reports.csv"]
+    with pytest.raises(ConfigError, match=r"^inputs\.slides\[0\]: no slide file matches '\*\.md' \(looked in .*data\); "
+                                          r"left out 1 file\(s\) that are not slides \(\.md\): README\.md$"):
+        collect_slides(InputsConfig(slides=["data/*.md"]), tmp_path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tiler.params.min_occupancy=2", "tiler.params.min_occupancy: Input should be less than or equal to 1 (got 2)"),
+    ("tile_encoder.batch_size=sixteen", "tile_encoder.batch_size: Input should be a valid integer (got 'sixteen')"),
+])
+def test_out_of_range_values_are_shown_in_the_message(example_slide, tmp_path, override, message):
+    from gigapath_core.validate import validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(_config(example_slide, tiler={"name": "otsu"}), out=str(tmp_path / "out"), sets=[override])
+    assert str(err.value) == message

@@ -128,3 +128,23 @@ def test_third_party_plugin_is_listed_and_usable_in_a_config(third_party_install
     # each channel block of a histogram sums to one
     assert abs(data["features"].reshape(-1, 3, 8).sum(-1) - 1).max() < 1e-5
     assert attrs["tile_encoder"] == "rgb_histogram"
+
+
+def test_plugin_descriptions_are_whole_first_sentences_without_rst_markup():
+    from gigapath_core.kinds import Plugin
+
+    class Wrapped(Plugin):
+        """Reads ``x`` via :class:`~a.B` (e.g. SVS; Lu et al. 2021) and
+        wraps. Second sentence. Ignored.
+
+        Another paragraph."""
+
+    class NoFullStop(Plugin):
+        """One line without a full stop"""
+
+    assert Wrapped.describe() == "Reads x via a.B (e.g. SVS; Lu et al. 2021) and wraps."
+    assert NoFullStop.describe() == "One line without a full stop"
+    rows = {r["name"]: r["description"] for r in gp.list_plugins("slide_reader")}
+    assert rows["openslide-library"] == ("OpenSlide, every pixel through read_region (no direct JPEG decoding; for "
+                                         "comparison or a file where the direct path misbehaves).")
+    assert not any("`" in d or "\n" in d for d in rows.values())

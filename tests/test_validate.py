@@ -116,3 +116,58 @@ def test_an_output_path_through_a_file_is_refused_by_validate_as_by_run(tmp_path
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"gigapath: error: output: {afile} exists and is not a folder"
     assert afile.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_log_lines_stay_off_the_console_unless_verbose(verbose):
+    code = ("import logging, sys; from gigapath_core.cli import _setup_logging; _setup_logging(sys.argv[1] == '1'); "
+            "logging.getLogger('tifffile').error('<tifffile.TiffPages @1275950> invalid page offset 1474362'); "
+            "logging.getLogger('pyvips').warning('VIPS: bad number, line 1, column 3'); "
+            "logging.getLogger('gigapath_core.pipeline').warning('slide x failed: truncated')")
+    env = {**os.environ, "GIGAPATH_PROGRESS": "0", "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-c", code, "1" if verbose else "0"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "WARNING  slide x failed: truncated" in out  # the project's own lines are untouched
+    if verbose:  # labelled with the library, demoted to DEBUG
+        assert "DEBUG    tifffile: <tifffile.TiffPages @1275950> invalid page offset 1474362" in out
+        assert "DEBUG    pyvips: VIPS: bad number, line 1, column 3" in out
+        assert "ERROR" not in out
+    else:
+        assert "invalid page offset" not in out and "bad number" not in out
+
+
+@pytest.mark.parametrize("argv, verbose", [
+    (["validate", "x.yaml", "-v"], True),
+    (["validate", "x.yaml", "--verbose"], True),
+    (["-v", "validate", "x.yaml"], True),  # before the command still works, and is not reset by the subcommand
+    (["validate", "x.yaml"], False),
+    (["reports", "clean", "x.yaml", "-v"], True),  # a nested command too
+    (["doctor", "-v"], True),
+])
+def test_verbose_is_accepted_after_the_command(argv, verbose):
+    from gigapath_core.cli import _parse
+
+    assert _parse(argv).verbose is verbose
+
+
+def test_set_with_a_space_instead_of_equals_says_the_form(capsys):
+    from gigapath_core.cli import _parse
+
+    with pytest.raises(SystemExit) as exit_:
+        _parse(["validate", "x.yaml", "--set", "tiler.params.min_occupancy", "0.2"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "gigapath: error: unrecognized arguments: 0.2 (--set takes KEY.PATH=VALUE in one word: "
+        "--set tiler.params.min_occupancy=0.2, not --set tiler.params.min_occupancy 0.2)")
+
+
+def test_pool_workers_keep_library_log_lines_off_the_console():
+    code = ("import logging; from gigapath_core.executors.local import _init_worker; import os; "
+            "_init_worker(1, os.getppid()); "
+            "logging.getLogger('tifffile').error('invalid page offset 1474362'); "
+            "logging.getLogger('gigapath').warning('own line')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["own line"]  # Python's last-resort handler still prints our own lines

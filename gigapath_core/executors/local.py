@@ -11,6 +11,7 @@ recorded as failed (``WorkerDied``). Workers end with the process that started t
 from __future__ import annotations
 
 import collections
+import logging
 import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -19,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 from pydantic import Field, StrictInt
 
+from ..cli import LIBRARY_LOGGERS
 from .base import Executor, ExecutorParams
 from .worker import call_slide, raise_config_error, worker_died_row
 
@@ -31,6 +33,8 @@ def _init_worker(threads: int, parent_pid: int) -> None:
     exit_with_parent(parent_pid)  # an idle worker would otherwise outlive a kill -9 of the run (issue #11)
     torch.set_num_threads(threads)
     os.environ.setdefault("GIGAPATH_PROGRESS", "0")
+    for name in LIBRARY_LOGGERS:  # tifffile's / libvips' own lines about a file: not on the console (cli.py)
+        logging.getLogger(name).addHandler(logging.NullHandler())
 
 
 def _build_models(config: Any) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError
+from ..yaml_load import yaml_error_message
 
 DEFAULT_INSTRUCTIONS = (
     "You clean pathology reports before they are paired with whole-slide images to train a vision-language "
@@ -63,7 +64,7 @@ def load_exemplars(path: str | Path, key_path: str = "exemplars") -> list[Exempl
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
-        raise ConfigError(key_path, f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(key_path, yaml_error_message(str(path), err)) from None
     items = data.get("exemplars") if isinstance(data, dict) else None
     if not isinstance(items, list) or not items:
         raise ConfigError(key_path, f"{path}: expected a non-empty list under 'exemplars:'")

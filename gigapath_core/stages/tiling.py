@@ -67,7 +67,46 @@ def open_slide(path: str, readers: list[str]) -> WSI:
             reasons.append(f"{name}: not installed ({err})")
         except Exception as err:  # a reader bug must not stop the next reader from trying
             reasons.append(f"{name}: unexpected {type(err).__name__}: {err}")
+    truncated = _tiff_points_past_end(p)
+    if truncated:
+        reasons.insert(0, truncated)
     raise SlideOpenError(path, "no reader could open it — " + "; ".join(reasons))
+
+
+def _tiff_points_past_end(path: Path, max_ifds: int = 4096) -> str | None:
+    """``"file truncated? (...)"`` if ``path`` starts like a TIFF (classic or BigTIFF, either byte order) and
+    its chain of IFD offsets (TIFF 6.0 §2; BigTIFF: 8-byte offsets) points past the end of the file, else None.
+    An Aperio SVS keeps its IFDs after the image data, so a cut copy's first offset is past its end."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+        order = {b"II": "<", b"MM": ">"}.get(head[:2])
+        if order is None or len(head) < 16:
+            return None
+        magic = struct.unpack(order + "H", head[2:4])[0]
+        if magic == 42:
+            offset, count_fmt, entry_size, off_fmt = struct.unpack(order + "I", head[4:8])[0], "H", 12, "I"
+        elif magic == 43:
+            offset, count_fmt, entry_size, off_fmt = struct.unpack(order + "Q", head[8:16])[0], "Q", 20, "Q"
+        else:
+            return None
+        count_size, off_size = struct.calcsize(count_fmt), struct.calcsize(off_fmt)
+        for _ in range(max_ifds):
+            if offset == 0:
+                return None
+            if offset + count_size > size:
+                return f"file truncated? (the TIFF points past its end: offset {offset:,} > size {size:,})"
+            f.seek(offset)
+            count = struct.unpack(order + count_fmt, f.read(count_size))[0]
+            end = offset + count_size + count * entry_size + off_size
+            if end > size:
+                return (f"file truncated? (the TIFF points past its end: IFD at {offset:,} ends at {end:,} > "
+                        f"size {size:,})")
+            f.seek(end - off_size)
+            offset = struct.unpack(order + off_fmt, f.read(off_size))[0]
+    return None
 
 
 def _mask_downsample_xy(grid: TileGrid, level0_size: tuple[int, int] | None) -> tuple[float, float]:
