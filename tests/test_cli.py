@@ -71,6 +71,21 @@ def test_doctor_reports_readers_device_and_offline_weights(tmp_path):
     torch.testing.assert_close(loaded.model.pos_embed, enc.model.pos_embed)
 
 
+def test_doctor_says_an_unset_weights_folder_once(monkeypatch, capsys):
+    """$GIGAPATH_WEIGHTS unset: one line under [environment] says so; each preset names only where it looked."""
+    from gigapath_core.cli import main
+
+    monkeypatch.delenv("GIGAPATH_WEIGHTS", raising=False)
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("not set") == 1
+    assert ("  GIGAPATH_WEIGHTS: not set: point it at a folder of downloaded weights (the ${GIGAPATH_WEIGHTS}/... "
+            "paths under [weights]); until then those sources are skipped\n") in out
+    assert out.index("[environment]") < out.index("GIGAPATH_WEIGHTS: not set") < out.index("[weights]")
+    assert ("  ctranspath/tile_encoder: not available offline (runs with `weights: random`, as the quick start "
+            "does): ${GIGAPATH_WEIGHTS}/ctranspath/ctranspath.pth\n") in out
+
+
 def test_offline_hub_source_says_how_to_get_the_file(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsError, match=r"prov-gigapath/prov-gigapath.*HF_TOKEN.*weights: /path/to/pytorch_model\.bin"):
