@@ -27,6 +27,23 @@ def test_presets_json_are_model_cards():
     assert rows["dinov2-vits14"]["components"]["tile_encoder"]["embed_dim"] == 384
 
 
+def test_presets_explains_its_markers(capsys):
+    """Every marker in the licence column ([TR], [L], 🔒) is explained on one legend line under the table, on
+    stderr, so the table on stdout stays tab-separated."""
+    from gigapath_core.cli import main
+    from gigapath_core.zoo import MARKERS
+
+    assert main(["presets"]) == 0
+    cap = capsys.readouterr()
+    table = cap.out.splitlines()
+    assert table[0] == "name\tcomponents\tlicence" and all(line.count("\t") == 2 for line in table)
+    used = [m for m in MARKERS if m in cap.out]
+    assert used == ["[TR]", "[L]", "🔒"]
+    assert cap.err.splitlines() == [
+        "markers: [TR] = TRIDENT README (patch-encoder table), [L] = LazySlide `model_registry.json`, 🔒 = gated "
+        "(access on request) per the TRIDENT README; every card's sources: gigapath presets --markdown (docs/zoo.md)"]
+
+
 def test_user_registry_file_adds_a_preset(tmp_path):
     reg = tmp_path / "my_registry.yaml"
     reg.write_text("presets:\n  tiny-vit:\n    licence: MIT\n    tile_encoder:\n      plugin: dinov2_vit\n"
