@@ -63,7 +63,7 @@ class TiffFileWSI(WSI):
             raise SlideOpenError(path, f"damaged TIFF structure ({type(err).__name__}: {err})") from None
         try:
             self._levels = self._parse_levels()
-        except SlideOpenError:
+        except BaseException:  # any failure past the open (not only SlideOpenError) closes the file
             self._tif.close()
             raise
 
