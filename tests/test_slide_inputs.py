@@ -4,7 +4,6 @@ processed under two ids, exact repeats dropped."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
