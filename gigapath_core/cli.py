@@ -104,6 +104,12 @@ def cmd_presets(args) -> int:
              "components": ", ".join(f"{k}={v['plugin']}" + (f" ({v['embed_dim']}-d)" if v.get("embed_dim") else "")
                                      for k, v in r["components"].items())} for r in rows],
            ["name", "components", "licence"])
+    from .zoo import legend
+
+    markers = legend(" ".join(r["licence"] for r in rows))
+    if markers:  # on stderr: the terminal shows it under the table, a redirected table stays tab-separated
+        print(f"markers: {markers}; every card's sources: gigapath presets --markdown (docs/zoo.md)",
+              file=sys.stderr)
     return 0
 
 

@@ -6,25 +6,16 @@ line (``--out``, ``--set inputs.slides=[...]``) against the current directory.
 
 from __future__ import annotations
 
-import csv
-import errno
-import glob
-import logging
-import os
 import re
 import reprlib
-import stat
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from .errors import ConfigError, pydantic_message
-from .slide_ids import fold_key, slide_id_problem
-from .non_slides import left_out_message, split_non_slides
 from .yaml_load import load_yaml
 
-log = logging.getLogger("gigapath")
 #: upper bounds of integer settings (a typo such as ``1e23`` is an error at validation, not an obscure failure later)
 MAX_BATCH_SIZE = 4096
 MAX_WORKERS = 256
@@ -257,199 +248,11 @@ def load_raw(path: str | Path) -> dict:
     return raw
 
 
-def _slide_id(path: Path) -> str:
-    name = path.name
-    for ext in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
-
-
-def _regular_file(p: Path, key: str) -> None:
-    """Raise ConfigError (at ``key``) unless ``p`` is, or links to, a regular file."""
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        hint = " (a broken symlink: its target does not exist)" if p.is_symlink() else ""
-        raise ConfigError(key, f"slide not found: {p}{hint}") from None
-    except OSError as err:
-        what = "a symlink loop" if err.errno == errno.ELOOP else err.strerror or str(err)
-        raise ConfigError(key, f"cannot read {p}: {what}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ConfigError(key, f"{p} is a folder, not a slide file (for its slides use a pattern such as {p}/*.svs)")
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(key, f"{p} is not a regular file (a pipe, socket or device cannot be a slide)")
-
-
-def _inside(p: Path, folder: Path | None) -> bool:
-    if folder is None:
-        return False
-    try:
-        return Path(os.path.realpath(p)).is_relative_to(folder)
-    except (OSError, ValueError):
-        return False
-
-
-def _glob(pattern: Path, key: str, out: Path | None) -> list[Path]:
-    """Files matching ``pattern``: regular files, plus broken or looping symlinks (each then fails as its own
-    slide, with the reason in the manifest); folders and special files are left out, and so is anything
-    under the output folder ``out`` (our own outputs are not slides; a warning says how many), and files whose
-    suffix is never a slide's (:mod:`gigapath_core.non_slides`: README.md, CSVs...; one warning lists them)."""
-    found, under_out = [], []
-    for m in sorted(glob.glob(str(pattern), recursive=True)):
-        p = Path(m)
-        if _inside(p, out):
-            under_out.append(p)
-        elif p.is_file() or (p.is_symlink() and not p.exists()):
-            found.append(p)
-    found, not_slides = split_non_slides(found)
-    if not_slides:
-        log.warning("%s: %s", key, left_out_message(not_slides))
-    if under_out:
-        log.warning("%s: left out %d file(s) under the output folder %s (e.g. %s)", key, len(under_out), out,
-                    under_out[0])
-    if not found and under_out:
-        raise ConfigError(key, f"every file matching {pattern.name!r} (in {pattern.parent}) is inside the output "
-                               f"folder {out}; gigapath's outputs are not slides: choose an output folder that does "
-                               f"not hold the slides")
-    if not found:
-        what = f"no slide file matches {pattern.name!r}" if not_slides else f"no file matches {pattern.name!r}"
-        raise ConfigError(key, f"{what} (looked in {pattern.parent})"
-                          + (f"; {left_out_message(not_slides)}" if not_slides else ""))
-    return found
-
-
-def _slide_path(p: Path) -> str:
-    try:
-        return str(p.resolve())
-    except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13): fails as its slide
-        return os.path.abspath(p)
-
-
-def _checked_id(slide_id: str, key: str, path: Path, named: bool) -> str:
-    problem = slide_id_problem(slide_id)
-    if problem:
-        how = "" if named else f" (from the file name {path.name!r}; rename it, or give a slide_id in inputs.manifest)"
-        raise ConfigError(key, f"{problem}{how}; see docs/promises.md (slide id rules)")
-    return slide_id
-
-
-def _read_manifest(mpath: Path) -> list[dict]:
-    try:
-        with open(mpath, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
-    except FileNotFoundError:
-        raise ConfigError("inputs.manifest", f"manifest not found: {mpath}") from None
-    except IsADirectoryError:
-        raise ConfigError("inputs.manifest", f"{mpath} is a folder, not a CSV file") from None
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise ConfigError("inputs.manifest", f"{mpath} is not a UTF-8 CSV file: {str(err).splitlines()[0]}") from None
-    except OSError as err:
-        raise ConfigError("inputs.manifest", f"cannot read {mpath}: {err.strerror or err}") from None
-    if rows and "slide_path" not in rows[0]:
-        has = ", ".join(map(str, rows[0]))
-        raise ConfigError("inputs.manifest", f"{mpath} needs a 'slide_path' column (has {has})")
-    return rows
-
-
 def collect_slides(inputs: InputsConfig, base: Path, output: str | Path | None = None) -> list[SlideInput]:
-    """Expand paths, globs and the CSV manifest into SlideInputs (input order, duplicates removed).
+    """:func:`gigapath_core.slide_inputs.collect_slides` (kept here for callers that import it from config)."""
+    from .slide_inputs import collect_slides as collect
 
-    Args:
-        output: the run's output folder: files under it are never slides (left out of glob matches with a
-            warning; an error when named explicitly), so a folder inside the input glob is safe to re-run.
-    Raises ConfigError (``inputs.slides[i]`` / ``inputs.manifest[row R]...``) for a path or pattern that
-    matches no file, a path that is a folder, a special file or a symlink loop, a manifest without
-    ``slide_path``, a slide_id that is not a safe folder name (:mod:`gigapath_core.slide_ids`), or two slides
-    with the same slide_id (also when they differ only in letter case or Unicode normal form).
-    """
-    if inputs.features:
-        return _feature_inputs(inputs, base)
-    out = Path(os.path.realpath(output)) if output is not None else None
-    slides: list[SlideInput] = []
-    for i, pattern in enumerate(inputs.slides):
-        key = f"inputs.slides[{i}]"
-        p = Path(pattern).expanduser()
-        p = p if p.is_absolute() else base / p
-        if glob.has_magic(str(p)):
-            matches = _glob(p, key, out)
-        else:
-            _regular_file(p, key)
-            if _inside(p, out):
-                raise ConfigError(key, f"{p} is inside the output folder {out}; gigapath's outputs are not slides")
-            matches = [p]
-        slides += [SlideInput(slide_id=_checked_id(_slide_id(m), key, m, False), path=_slide_path(m), mpp=inputs.mpp)
-                   for m in matches]
-    mask_dir = None
-    if inputs.masks:
-        mask_dir = Path(inputs.masks).expanduser()
-        mask_dir = mask_dir if mask_dir.is_absolute() else base / mask_dir
-        if not mask_dir.is_dir():
-            raise ConfigError("inputs.masks", f"not a folder: {mask_dir} (expected a folder of <slide_id>.geojson)")
-    if inputs.manifest:
-        mpath = Path(inputs.manifest).expanduser()
-        mpath = mpath if mpath.is_absolute() else base / mpath
-        for j, row in enumerate(_read_manifest(mpath)):
-            key = f"inputs.manifest[row {j + 2}]"
-            if not (row.get("slide_path") or "").strip():
-                raise ConfigError(f"{key}.slide_path", "empty")
-            sp = Path(row["slide_path"]).expanduser()
-            sp = sp if sp.is_absolute() else mpath.parent / sp
-            _regular_file(sp, key)
-            if _inside(sp, out):
-                raise ConfigError(key, f"{sp} is inside the output folder {out}; gigapath's outputs are not slides")
-            mpp = row.get("slide_mpp") or None
-            try:
-                mpp_value = float(mpp) if mpp else inputs.mpp
-            except ValueError:
-                raise ConfigError(f"{key}.slide_mpp", f"not a number: {mpp!r}") from None
-            named = row.get("slide_id") is not None and row.get("slide_id") != ""
-            sid = row["slide_id"] if named else _slide_id(sp)
-            sid = _checked_id(sid, f"{key}.slide_id" if named else key, sp, named)
-            mask = (row.get("mask") or "").strip() or None
-            if mask:
-                mp = Path(mask).expanduser()
-                mask = str((mp if mp.is_absolute() else mpath.parent / mp).resolve())
-            slides.append(SlideInput(slide_id=sid, path=_slide_path(sp), mpp=mpp_value, mask=mask))
-    seen: dict[str, SlideInput] = {}
-    unique = []
-    for s in slides:
-        k = fold_key(s.slide_id)
-        if k in seen:
-            first = seen[k]
-            if first.slide_id == s.slide_id and first.path == s.path:
-                continue
-            if first.slide_id == s.slide_id:
-                raise ConfigError("inputs", f"two slides share slide_id {s.slide_id!r}: {first.path} and {s.path}")
-            raise ConfigError("inputs", f"slide_ids {first.slide_id!r} ({first.path}) and {s.slide_id!r} ({s.path}) "
-                                        f"differ only in letter case or Unicode form: one folder on macOS/Windows "
-                                        f"file systems")
-        seen[k] = s
-        unique.append(s)
-    if not unique:
-        raise ConfigError("inputs", "no slides given (inputs.slides or inputs.manifest)")
-    if mask_dir is not None:  # a slide without its file fails alone (MaskError "file not found"), not the run
-        for s in unique:
-            if s.mask is None:
-                s.mask = str((mask_dir / f"{s.slide_id}.geojson").resolve())
-    return unique
-
-
-def _feature_inputs(inputs: InputsConfig, base: Path) -> list[SlideInput]:
-    """``inputs.features`` (a folder of feature files or a CSV of paths) -> one SlideInput per file; ``path`` is
-    the feature file, ``mpp`` its level-0 µm/px (CSV column ``level0_mpp``, else ``inputs.mpp``)."""
-    from .interop import FeatureLocator
-
-    src = Path(inputs.features).expanduser()
-    src = src if src.is_absolute() else base / src
-    if not src.exists():
-        raise ConfigError("inputs.features", f"not found: {src}")
-    found = FeatureLocator([str(src)], "inputs.features").all()
-    if not found:
-        raise ConfigError("inputs.features", f"no tile-feature file in {src} (looked for <slide>/tile_embeddings.h5, "
-                          "<slide>.h5, h5_files/<slide>.h5, pt_files/<slide>.pt, features_*/<slide>.h5)")
-    return [SlideInput(slide_id=_checked_id(sid, "inputs.features", Path(f.path), True), path=str(f.path),
-                       mpp=f.level0_mpp or inputs.mpp) for sid, f in found.items()]
+    return collect(inputs, base, output)
 
 
 def parse_model(model: type[BaseModel], raw: dict) -> Any:

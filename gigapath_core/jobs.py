@@ -78,6 +78,7 @@ def run_embed(raw: dict, base: Path, out: str | None, options: dict) -> int:
     from .pipeline import process_slide
     from .progress import console, make_progress
     from .store import rebuild_manifest, write_manifest
+    from .weights import random_weights_said_elsewhere
 
     if options.get("address"):
         options.setdefault("executor", "ray")
@@ -106,9 +107,12 @@ def run_embed(raw: dict, base: Path, out: str | None, options: dict) -> int:
     done_here: dict[str, dict] = {}  # the rows this run produced
     try:
         # builds and checks the models where slides will run, before any slide is touched
-        for label, name, source in executor.describe_models(cfg):
-            state = ("RANDOM weights (not pretrained)" if source == "random" else "no weights (parameter-free)"
-                     if source == NO_WEIGHTS else f"pretrained weights from {source}")
+        with random_weights_said_elsewhere():  # said once per model on the line below, not also as a warning
+            described = executor.describe_models(cfg)
+        for label, name, source in described:
+            state = ("[bold red]RANDOM weights (not pretrained)[/]" if source == "random"
+                     else "no weights (parameter-free)" if source == NO_WEIGHTS
+                     else f"pretrained weights from {source}")
             console.print(f"{label}: [bold]{name}[/] with {state}")
         if shard:
             console.print(f"shard {shard}: {len(slides)} of {len(all_slides)} slides")

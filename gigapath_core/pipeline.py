@@ -31,7 +31,7 @@ from .errors import ConfigError, FeatureFileError, GigapathError, SlideError, Sl
 from .interop import FORMAT_VERSION
 from .markers import identity_key, input_identity, outputs_record, stale_reason
 from .slide_ids import slide_dir as checked_slide_dir
-from .store import STATUS_FILE, read_dataset_attrs, read_h5, read_h5_attrs, read_status, write_status
+from .store import STATUS_FILE, read_h5_all, read_h5_attrs, read_status, write_status
 from .stages.slide_embedding import SLIDE_FILE, embed_tile_features, run_slide_embedding
 from .stages.tile_embedding import EMBEDDINGS_FILE, TileDataset, embed_tiles, write_tile_embeddings
 from .masks import MaskSpec, mask_identity
@@ -356,12 +356,10 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
         t0 = time.perf_counter()
         with open_slide(slide.path, cfg.readers) as wsi:
             row["reader"] = wsi.reader
-            if _stage_ok(slide_dir / TILES_FILE, fp["tiling"]) and qc_outputs_present(slide_dir):
-                tiles, tattrs = read_h5(slide_dir / TILES_FILE)
-            else:
+            if not (_stage_ok(slide_dir / TILES_FILE, fp["tiling"]) and qc_outputs_present(slide_dir)):
                 qc.append(start_tiling(models.tiler, wsi, slide_dir, mpp, {**common, "fingerprint": fp["tiling"]},
                                        mask=mask_spec(cfg, slide))[1])
-                tiles, tattrs = read_h5(slide_dir / TILES_FILE)
+        tiles, tattrs, tile_dattrs = read_h5_all(slide_dir / TILES_FILE)  # datasets and attributes, one open
         n = len(tiles["coords"])
         row["n_tiles"] = n
         row["seconds_tiling"] = round(time.perf_counter() - t0, 3)
@@ -384,12 +382,14 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
                 workers = loader_workers(cfg.tile_encoder.num_workers, models.device)
                 if workers and qc and start_method([row["reader"]]) == "fork":
                     qc.pop().wait()  # a child forked mid-write would inherit the QC thread's locks held
-                feats = embed_tiles(te, ds, batch_size=cfg.tile_encoder.batch_size, num_workers=workers,
-                                    device=models.device, precision=cfg.tile_encoder.precision, on_batch=tick,
-                                    batch_timeout_s=cfg.tile_encoder.batch_timeout_s)
-                if cfg.save_tile_png:
-                    _save_tile_pngs(ds, slide_dir / "tiles", tiles["grid_coords"])
-                tile_dattrs = read_dataset_attrs(slide_dir / TILES_FILE)
+                try:  # the dataset's own slide handle (read in this process without workers) is closed always
+                    feats = embed_tiles(te, ds, batch_size=cfg.tile_encoder.batch_size, num_workers=workers,
+                                        device=models.device, precision=cfg.tile_encoder.precision, on_batch=tick,
+                                        batch_timeout_s=cfg.tile_encoder.batch_timeout_s)
+                    if cfg.save_tile_png:
+                        _save_tile_pngs(ds, slide_dir / "tiles", tiles["grid_coords"])
+                finally:
+                    ds.close()
                 write_tile_embeddings(slide_dir / EMBEDDINGS_FILE, feats, tiles["coords"], tiles["grid_coords"],
                                       {**common, "fingerprint": fp["tile_encoder"], "tile_encoder": cfg.tile_encoder.name,
                                        "weights_source": te.weights_source, "embed_dim": int(te.embed_dim),

@@ -127,6 +127,21 @@ def read_h5(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     return data, attrs
 
 
+def read_h5_all(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, dict[str, Any]]]:
+    """:func:`read_h5` and :func:`read_dataset_attrs` with the file opened once: ``(datasets, root attributes,
+    dataset name -> its attributes)``, bytes decoded."""
+    import h5py
+
+    def text(v: Any) -> Any:
+        return v.decode() if isinstance(v, bytes) else v
+
+    with h5py.File(path, "r") as f:
+        data = {k: f[k][()] for k in f.keys()}
+        attrs = {k: text(v) for k, v in f.attrs.items()}
+        dattrs = {k: {a: text(v) for a, v in f[k].attrs.items()} for k in f.keys()}
+    return data, attrs, dattrs
+
+
 def read_h5_attrs(path: str | Path) -> dict[str, Any]:
     """The root attributes of an HDF5 file (bytes decoded), without reading its datasets."""
     import h5py

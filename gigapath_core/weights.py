@@ -2,7 +2,8 @@
 
 A source string is one of:
 
-- ``random``: keep the random initialisation (outputs record ``weights_source = "random"`` and the log says so);
+- ``random``: keep the random initialisation (outputs record ``weights_source = "random"``; a warning, or
+  ``gigapath run``'s model summary line, says so once);
 - a local file: ``.safetensors`` (preferred), ``.bin``/``.pth``/``.pt`` (``torch.load(weights_only=True)``,
   memory-mapped when the file allows it) or ``.npz`` (``numpy.load(allow_pickle=False)``); ``~`` and ``$VARS``
   are expanded; a source naming an unset variable is reported as such and the next source is tried;
@@ -24,6 +25,7 @@ non-tensor class the restricted unpickler is allowed to rebuild (its attributes 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -43,6 +45,32 @@ CONFIG_FILE = "config.json"
 #: keys under which training checkpoints keep the weights, tried in this order
 WRAPPER_KEYS = ("model", "state_dict", "teacher")
 SAFE_GLOBALS = [argparse.Namespace]
+RANDOM_WARNING = "%s: weights: random (not pretrained); every output records weights_source=random"
+_random_said_elsewhere = [0]  # > 0: load_weights does not log RANDOM_WARNING (see random_weights_said_elsewhere)
+
+
+@contextlib.contextmanager
+def random_weights_said_elsewhere():
+    """Within the block, :func:`load_weights` does not log its "weights: random" warning: the caller says it
+    once itself. ``gigapath run`` states each encoder's weights on one line before any slide (``tile encoder:
+    ... with RANDOM weights``), and its pool workers and Ray actors, which build the same models again, stay
+    quiet (:func:`random_weights_said_by_parent`), so a run says it once per model."""
+    _random_said_elsewhere[0] += 1
+    try:
+        yield
+    finally:
+        _random_said_elsewhere[0] -= 1
+
+
+def random_weights_said_by_parent() -> None:
+    """For a worker process of a run (pool worker, Ray actor): never log the "weights: random" warning in this
+    process; the run that started it has said it."""
+    _random_said_elsewhere[0] += 1
+
+
+def _warn_random(name: str) -> None:
+    if not _random_said_elsewhere[0]:
+        log.warning(RANDOM_WARNING, name)
 
 
 def _expand(source: str) -> str | None:
@@ -317,12 +345,12 @@ def load_weights(module: nn.Module, sources: list[str]) -> str:
     """
     name = type(module).__name__
     if not sources or sources == ["random"]:
-        log.warning("%s: weights: random (not pretrained); every output records weights_source=random", name)
+        _warn_random(name)
         return "random"
     errors = []
     for source in sources:
         if source == "random":
-            log.warning("%s: weights: random (not pretrained); every output records weights_source=random", name)
+            _warn_random(name)
             return "random"
         try:
             path = resolve_source(source)

@@ -27,6 +27,23 @@ def test_presets_json_are_model_cards():
     assert rows["dinov2-vits14"]["components"]["tile_encoder"]["embed_dim"] == 384
 
 
+def test_presets_explains_its_markers(capsys):
+    """Every marker in the licence column ([TR], [L], 🔒) is explained on one legend line under the table, on
+    stderr, so the table on stdout stays tab-separated."""
+    from gigapath_core.cli import main
+    from gigapath_core.zoo import MARKERS
+
+    assert main(["presets"]) == 0
+    cap = capsys.readouterr()
+    table = cap.out.splitlines()
+    assert table[0] == "name\tcomponents\tlicence" and all(line.count("\t") == 2 for line in table)
+    used = [m for m in MARKERS if m in cap.out]
+    assert used == ["[TR]", "[L]", "🔒"]
+    assert cap.err.splitlines() == [
+        "markers: [TR] = TRIDENT README (patch-encoder table), [L] = LazySlide `model_registry.json`, 🔒 = gated "
+        "(access on request) per the TRIDENT README; every card's sources: gigapath presets --markdown (docs/zoo.md)"]
+
+
 def test_user_registry_file_adds_a_preset(tmp_path):
     reg = tmp_path / "my_registry.yaml"
     reg.write_text("presets:\n  tiny-vit:\n    licence: MIT\n    tile_encoder:\n      plugin: dinov2_vit\n"
@@ -69,6 +86,21 @@ def test_doctor_reports_readers_device_and_offline_weights(tmp_path):
         del os.environ["GIGAPATH_WEIGHTS"]
     assert loaded.weights_source.endswith("dinov2-vits14/model.safetensors")
     torch.testing.assert_close(loaded.model.pos_embed, enc.model.pos_embed)
+
+
+def test_doctor_says_an_unset_weights_folder_once(monkeypatch, capsys):
+    """$GIGAPATH_WEIGHTS unset: one line under [environment] says so; each preset names only where it looked."""
+    from gigapath_core.cli import main
+
+    monkeypatch.delenv("GIGAPATH_WEIGHTS", raising=False)
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("not set") == 1
+    assert ("  GIGAPATH_WEIGHTS: not set: point it at a folder of downloaded weights (the ${GIGAPATH_WEIGHTS}/... "
+            "paths under [weights]); until then those sources are skipped\n") in out
+    assert out.index("[environment]") < out.index("GIGAPATH_WEIGHTS: not set") < out.index("[weights]")
+    assert ("  ctranspath/tile_encoder: not available offline (runs with `weights: random`, as the quick start "
+            "does): ${GIGAPATH_WEIGHTS}/ctranspath/ctranspath.pth\n") in out
 
 
 def test_offline_hub_source_says_how_to_get_the_file(monkeypatch):

@@ -93,7 +93,7 @@ def test_autocast_defaults():
     assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == torch.bfloat16
 
 
-def test_pipeline_writes_tile_order_and_records_random_weights(example_slide, tmp_path, caplog):
+def test_pipeline_writes_tile_order_and_records_random_weights(example_slide, tmp_path, caplog, capsys):
     cfg = {"inputs": {"slides": [str(example_slide)]}, "readers": ["openslide"],
            "tiler": {"name": "otsu", "params": {"min_occupancy": 0.99}},  # 13 of the 49 tiles: a short test
            "tile_encoder": {"name": "dinov2-vits14", "weights": "random", "batch_size": 16, "num_workers": 1},
@@ -108,7 +108,9 @@ def test_pipeline_writes_tile_order_and_records_random_weights(example_slide, tm
     np.testing.assert_array_equal(emb["grid_coords"], tiles["grid_coords"])  # rows in the tiler's (row-major) order
     np.testing.assert_array_equal(emb["coords"], tiles["coords"])
     assert attrs["weights_source"] == "random" and attrs["tile_encoder"] == "dinov2-vits14"
-    assert "weights: random (not pretrained)" in caplog.text
+    # said once, by the run's model summary line (rich console: stderr), not also as a log warning
+    assert "tile encoder: dinov2_vit with RANDOM weights (not pretrained)" in capsys.readouterr().err
+    assert "weights: random (not pretrained)" not in caplog.text
 
 
 class _ThreadRecordingDataset(torch.utils.data.Dataset):

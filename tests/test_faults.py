@@ -102,7 +102,8 @@ def test_ids_that_differ_only_in_case_are_one_folder(tmp_path):
     copy_slide(tmp_path / "a.svs")
     copy_slide(tmp_path / "b.svs")
     (tmp_path / "list.csv").write_text("slide_path,slide_id\na.svs,Slide1\nb.svs,slide1\n")
-    with pytest.raises(ConfigError, match=r"^inputs: slide_ids 'Slide1' .* and 'slide1' .* differ only in letter case"):
+    with pytest.raises(ConfigError, match=r"^inputs\.manifest\[row 3\]: slide_ids 'Slide1' .* and 'slide1' .* "
+                                          r"differ only in letter case"):
         gp.run({"inputs": {"manifest": str(tmp_path / "list.csv")}}, out=str(tmp_path / "out"))
 
 

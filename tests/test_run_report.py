@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -111,12 +113,30 @@ def test_embed_report_rows_failed_first_columns_and_links(tmp_path):
     assert by_id["s0"]["heatmaps"] == "map: attentionQuPath GeoJSON"  # a preview image, then the links
     assert "../maps/s0/heatmap_attention.png" in page.links and "../maps/s0/tiles.geojson" in page.links
     for href in page.links:
-        assert (out / href).exists()
+        assert (out / unquote(href)).exists()
     # self-contained: every image inline, no external script/style, a thumbnail per slide that has one
     assert len(page.imgs) == 4 and all(src.startswith("data:image/jpeg;base64,") for src in page.imgs)
     assert page.scripts == 0 and "http://" not in path.read_text() and "https://" not in path.read_text()
     assert "RANDOM weights" in path.read_text()
     assert path.stat().st_size < 100_000
+
+
+def test_thumbnails_link_to_the_full_size_png(tmp_path):
+    """Each inline thumbnail is a link to OUT/<slide_id>/thumbnail.png, relative and URL-quoted (a slide id may
+    hold spaces, '#' or non-ASCII letters); a slide without a thumbnail has neither."""
+    out = make_embed_folder(tmp_path / "embed")
+    odd = "case 7 #2 é"
+    write_png(out / odd / "thumbnail.png", np.full((30, 20, 3), 9, np.uint8))
+    with open(out / "manifest.csv", "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=MANIFEST_FIELDS, extrasaction="ignore").writerow({"slide_id": odd, "status": "ok"})
+    text = write_run_report(out).read_text(encoding="utf-8")
+    thumbs = re.findall(r'<td><a href="([^"]+)" title="full-size thumbnail\.png"><img alt="thumbnail of ([^"]+)" '
+                        r'src="data:image/jpeg;base64,', text)
+    assert thumbs == [("s0/thumbnail.png", "s0"), ("s1/thumbnail.png", "s1"), ("s2/thumbnail.png", "s2"),
+                      ("case%207%20%232%20%C3%A9/thumbnail.png", odd)]
+    for href, sid in thumbs:
+        assert (out / unquote(href)) == out / sid / "thumbnail.png" and (out / unquote(href)).is_file()
+    assert text.count('alt="thumbnail of') == 4  # 'bad', 'old' and 'again' have no thumbnail.png
 
 
 def test_report_without_manifest_and_cli(tmp_path, capsys):

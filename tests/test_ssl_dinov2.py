@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -192,3 +194,32 @@ def test_dinov2_job_trains_and_resumes_exactly(tmp_path, monkeypatch):
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
     assert [r["loss"] for r in _log(b)[-2:]] == [r["loss"] for r in log[-2:]]
+
+
+def test_pyvips_tiles_with_dataloader_workers_train_and_match_in_process(tmp_path):
+    """Pretraining reads tiles through the slide readers in its DataLoader workers. After the job has tiled a
+    slide with pyvips (libvips threads started), forked workers waited forever on their first read; they now
+    start as the tile-embedding stage's do (forkserver for readers that are not fork-safe) and give the same
+    losses as reading in the main process. A regression shows as the 180 s timeout."""
+    import openslide
+    import yaml
+
+    from gigapath_core.jobs import run
+
+    png = tmp_path / "slide.png"
+    with openslide.OpenSlide(str(SLIDES["CMU-1-Small-Region"])) as s:
+        s.read_region((0, 0), 0, (1024, 1024)).convert("RGB").save(png)
+
+    def job(workers: int) -> dict:
+        cfg = _job(2)
+        cfg.update(inputs={"slides": [str(png)], "mpp": 0.5}, readers=["pyvips"], num_workers=workers)
+        return cfg
+
+    assert run(job(0), out=str(tmp_path / "w0")) == 0
+    (tmp_path / "w1.yaml").write_text(yaml.safe_dump({**job(1), "output": str(tmp_path / "w1")}))
+    proc = subprocess.run([sys.executable, "-m", "gigapath_core.cli", "run", str(tmp_path / "w1.yaml")],
+                          capture_output=True, text=True, timeout=180, env={**os.environ, "GIGAPATH_PROGRESS": "0"})
+    assert proc.returncode == 0, proc.stderr
+    in_process, with_worker = _log(tmp_path / "w0"), _log(tmp_path / "w1")
+    assert [r["step"] for r in with_worker] == [1, 2]
+    assert [r["loss"] for r in with_worker] == [r["loss"] for r in in_process]

@@ -31,6 +31,9 @@ def _init_worker(threads: int, parent_pid: int) -> None:
     from ..watchdog import exit_with_parent
 
     exit_with_parent(parent_pid)  # an idle worker would otherwise outlive a kill -9 of the run (issue #11)
+    from ..weights import random_weights_said_by_parent
+
+    random_weights_said_by_parent()  # the run said it before starting the pool
     torch.set_num_threads(threads)
     os.environ.setdefault("GIGAPATH_PROGRESS", "0")
     for name in LIBRARY_LOGGERS:  # tifffile's / libvips' own lines about a file: not on the console (cli.py)

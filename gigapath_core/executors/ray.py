@@ -51,6 +51,10 @@ class SlideWorker:
         os.environ.setdefault("GIGAPATH_PROGRESS", "0")
         import torch
 
+        from ..weights import random_weights_said_by_parent
+
+        random_weights_said_by_parent()  # the driver prints each model's weights once (describe_models)
+
         torch.set_num_threads(max(1, int(num_cpus)))
         self.fn, self.config = fn, config
 

@@ -47,7 +47,9 @@ class PretrainBase(Strict):
     objective: StageConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     batch_size: int = Field(8, ge=1, description="samples per micro-batch")
-    num_workers: int = Field(0, ge=0, description="DataLoader workers computing views")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers computing views (reading tiles from slides: "
+                                                  "forked, or from a forkserver when a reader is not fork-safe, as "
+                                                  "in the tile-embedding stage)")
 
 
 class DINOv2JobConfig(PretrainBase):

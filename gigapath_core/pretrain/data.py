@@ -70,7 +70,8 @@ class TileSource:
                         (
                             sid,
                             path,
-                            {"coords": g.coords, "level": g.level, "read_size": g.read_size, "tile_size": g.tile_size},
+                            {"coords": g.coords, "level": g.level, "read_size": g.read_size, "tile_size": g.tile_size,
+                             "reader": wsi.reader},
                         )
                     )
                 except SlideError as err:
@@ -94,6 +95,12 @@ class TileSource:
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def slide_readers(self) -> list[str]:
+        """The readers that opened the kept slides (in this process: DataLoader workers that read tiles must be
+        started to suit them, :func:`gigapath_core.stages.worker_start.loader_context`)."""
+        return sorted({g["reader"] for g in self.grids})
 
     def _wsi(self, s: int):
         from ..stages.tiling import open_slide
@@ -265,9 +272,23 @@ class ViewDataset(Dataset):
 
 
 def epoch_batches(
-    ds: ViewDataset, batch_size: int, collate: Callable, num_workers: int = 0, drop_last: bool = True
+    ds: ViewDataset,
+    batch_size: int,
+    collate: Callable,
+    num_workers: int = 0,
+    drop_last: bool = True,
+    readers: list[str] = (),
 ) -> Callable[[int], Iterator[dict]]:
-    """``batches(epoch)`` for :meth:`Trainer.fit`: collated micro-batches, each with a ``seed`` (int)."""
+    """``batches(epoch)`` for :meth:`Trainer.fit`: collated micro-batches, each with a ``seed`` (int).
+
+    ``readers``: the slide readers the dataset reads tiles with (:attr:`TileSource.slide_readers`; empty for
+    embeddings). With ``num_workers`` > 0 they choose how the workers start, as in the tile-embedding stage:
+    forked when every reader is fork-safe, from a forkserver otherwise (a forked worker of a process that has
+    used libvips waits forever on its first read; :mod:`gigapath_core.stages.worker_start`).
+    """
+    from ..stages.worker_start import loader_context
+
+    context = loader_context(readers) if num_workers and readers else None
 
     def batches(epoch: int) -> Iterator[dict]:
         ds.set_epoch(epoch)
@@ -279,6 +300,7 @@ def epoch_batches(
             collate_fn=collate,
             drop_last=drop_last,
             persistent_workers=False,
+            multiprocessing_context=context,
         )
         for i, batch in enumerate(loader):
             batch["seed"] = int(np.random.default_rng([ds.seed, epoch, i, 7]).integers(2**62))

@@ -83,8 +83,9 @@ def _check_data(objective, job: str, data: str) -> None:
         )
 
 
-def train(objective, sample, n: int, cfg, out: Path) -> list[dict]:
-    """Train ``objective`` on ``n`` samples (``sample(k)``) with the shared Trainer; returns the log rows."""
+def train(objective, sample, n: int, cfg, out: Path, readers: list[str] = ()) -> list[dict]:
+    """Train ``objective`` on ``n`` samples (``sample(k)``) with the shared Trainer; returns the log rows.
+    ``readers``: the slide readers ``sample`` reads with (they decide how DataLoader workers start)."""
     from ..training import Trainer
 
     batch_size = cfg.batch_size
@@ -102,7 +103,8 @@ def train(objective, sample, n: int, cfg, out: Path) -> list[dict]:
     write_json(
         out / OBJECTIVE_FILE, {"name": cfg.objective.name, "params": cfg.objective.params, "registry": cfg.registry}
     )
-    return trainer.fit(epoch_batches(ds, batch_size, objective.collate, cfg.num_workers), seeded_step(objective))
+    batches = epoch_batches(ds, batch_size, objective.collate, cfg.num_workers, readers=readers)
+    return trainer.fit(batches, seeded_step(objective))
 
 
 def _report(hist: list[dict], out: Path) -> None:
@@ -154,7 +156,7 @@ def run_dinov2(raw: dict, base: Path, out: str | None, options: dict) -> int:
     )
     console.print(f"dinov2: {len(tiles)} tiles from {len(tiles.grids)} slide(s)")
     outp = Path(cfg.output)
-    hist = train(objective, tiles.__getitem__, len(tiles), cfg, outp)
+    hist = train(objective, tiles.__getitem__, len(tiles), cfg, outp, readers=tiles.slide_readers)
     _report(hist, outp)
     if not hasattr(objective, "tile_encoder_state_dict"):
         return 0

@@ -8,6 +8,7 @@ import datetime as _dt
 import html
 import logging
 from collections import Counter
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,12 @@ def _e(v: Any) -> str:
     return html.escape("" if v is None else str(v))
 
 
+def _href(relpath: str) -> str:
+    """A relative file path as an href attribute value: URL-quoted (a slide id may hold spaces, ``#``, ``%``,
+    ``?`` or non-ASCII letters, docs/promises.md), then HTML-escaped."""
+    return html.escape(quote(relpath))
+
+
 def _table(rows: list[list[str]], cls: str = "") -> str:
     if not rows:
         return ""
@@ -78,9 +85,11 @@ def _num(v: str) -> str:
 
 def _slide_tr(r: SlideRow) -> str:
     thumb = f'<img alt="thumbnail of {_e(r.slide_id)}" src="{r.thumbnail}">' if r.thumbnail else ""
-    links = "".join(f'<a href="{_e(href)}">{_e(label)}</a>' for label, href in r.links)
+    if thumb and r.thumbnail_href:  # the inline thumbnail opens the full-size PNG beside the report
+        thumb = f'<a href="{_href(r.thumbnail_href)}" title="full-size thumbnail.png">{thumb}</a>'
+    links = "".join(f'<a href="{_href(href)}">{_e(label)}</a>' for label, href in r.links)
     if r.preview:
-        links = (f'<a href="{_e(r.preview[1])}"><img alt="heatmap of {_e(r.slide_id)}" src="{r.preview[0]}"></a>'
+        links = (f'<a href="{_href(r.preview[1])}"><img alt="heatmap of {_e(r.slide_id)}" src="{r.preview[0]}"></a>'
                  + links)
     secs = "".join(f'<td class="num" data-sort="{_e(r.seconds.get(k, ""))}">{_num(r.seconds.get(k, ""))}</td>'
                    for k in STAGE_SECONDS)
@@ -117,9 +126,9 @@ HEATMAP_COLUMNS = ["heatmap", "slide", "status", "reason", "tiles", "slide predi
 def _heatmaps_section(h: dict) -> str:
     body = []
     for r in h["rows"]:
-        img = (f'<a href="{_e(r["preview_href"])}"><img class="big" alt="heatmap of {_e(r["slide_id"])}" '
+        img = (f'<a href="{_href(r["preview_href"])}"><img class="big" alt="heatmap of {_e(r["slide_id"])}" '
                f'src="{r["preview"]}"></a>') if r["preview"] else ""
-        links = "".join(f'<a href="{_e(href)}">{_e(label)}</a>' for label, href in r["links"])
+        links = "".join(f'<a href="{_href(href)}">{_e(label)}</a>' for label, href in r["links"])
         body.append(f'<tr data-status="{_e(r["status"])}"><td>{img}</td><td class="slide">{_e(r["slide_id"])}</td>'
                     f'<td><span class="st st-{_e(r["status"])}">{_e(r["status"])}</span></td>'
                     f'<td class="reason">{_e(r["reason"])}</td><td class="num">{_e(r["n_tiles"])}</td>'

@@ -29,7 +29,8 @@ class SlideRow:
     mpp: str = ""
     weights: str = ""
     seconds: dict[str, str] = field(default_factory=dict)
-    thumbnail: str | None = None
+    thumbnail: str | None = None  # data URI of a small copy of OUT/<slide_id>/thumbnail.png
+    thumbnail_href: str | None = None  # that PNG, relative to OUT (the thumbnail links to it)
     links: list[tuple[str, str]] = field(default_factory=list)  # (label, relative href)
     preview: tuple[str, str] | None = None  # (data URI of the first heatmap, relative href)
     this_run: str = ""  # manifest column: processed | skipped | failed | locked (what the last run did)
@@ -89,6 +90,8 @@ def slide_rows(out_dir: Path, thumb_px: int = 120) -> list[SlideRow]:
                        r.get("reader", ""), _mpp(sdir), r.get("weights", ""),
                        {k: r.get(k, "") for k in STAGE_SECONDS},
                        data_uri(sdir / "thumbnail.png", thumb_px) if sid else None, this_run=r.get("this_run", ""))
+        if row.thumbnail:
+            row.thumbnail_href = os.path.relpath(sdir / "thumbnail.png", out_dir)
         for hdir in maps:
             hs = hdir / sid
             tag = "" if len(maps) == 1 else f" ({hdir.name})"

@@ -112,6 +112,9 @@ class TiatoolboxWSI(WSI):
         handle = getattr(self._wsi, "openslide_wsi", None) or getattr(self._wsi, "tiff", None)
         if handle is not None and hasattr(handle, "close"):
             handle.close()
+        store = getattr(self._wsi, "_zarr_store", None)  # TIFFWSIReader: tifffile's zarr store has its own file
+        if store is not None and hasattr(store, "close"):  # handles (tiatoolbox wsireader/base.py, aszarr=True)
+            store.close()
 
 
 class TiatoolboxReader(SlideReader):

@@ -68,7 +68,7 @@ class TiffFileWSI(WSI):
             raise SlideOpenError(path, f"damaged TIFF structure ({type(err).__name__}: {err})") from None
         try:
             self._levels = self._parse_levels()
-        except SlideOpenError:
+        except BaseException:  # any failure past the open (not only SlideOpenError) closes the file
             self._tif.close()
             raise
         self._direct = None  # JpegTiles, made on the first read_region; False: no JPEG-tiled level
