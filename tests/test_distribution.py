@@ -9,6 +9,7 @@ so pip never treats one as an upgrade of the other.
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,17 @@ PIP = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-is
 
 def _installed() -> set[str]:
     return {(d.metadata["Name"] or "").lower() for d in md.distributions()}
+
+
+def _installed_root(cwd: Path) -> Path:
+    """The project folder the venv's editable ``gigapath-core`` points at. Reinstalling from there (not from this
+    checkout) leaves a venv shared by several checkouts (git worktrees, PYTHONPATH) pointing where it did."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([sys.executable, "-c", "import gigapath_core, pathlib; "
+                            "print(pathlib.Path(gigapath_core.__file__).resolve().parents[1])"],
+                           capture_output=True, text=True, env=env, cwd=cwd)
+    root = Path(probe.stdout.strip()) if probe.returncode == 0 else ROOT
+    return root if (root / "pyproject.toml").is_file() else ROOT
 
 
 def _fake_official(root: Path) -> Path:
@@ -51,11 +63,12 @@ def test_our_distribution_is_not_named_like_the_official_one():
 @pytest.mark.skipif("gigapath" in _installed(), reason="a distribution named 'gigapath' is already installed here")
 def test_official_package_and_ours_stay_installed_together(tmp_path):
     fake = _fake_official(tmp_path / "official")
+    ours = _installed_root(tmp_path)
     try:
         subprocess.run(PIP + [str(fake)], check=True)
         assert {"gigapath", "gigapath-core", "gigapath-plugins"} <= _installed()
         # the other order: (re)installing ours leaves the official one in place
-        subprocess.run(PIP + ["-e", str(ROOT)], check=True)
+        subprocess.run(PIP + ["-e", str(ours)], check=True)
         assert {"gigapath", "gigapath-core", "gigapath-plugins"} <= _installed()
         probe = subprocess.run(
             [sys.executable, "-c", "import gigapath, gigapath_core, gigapath_plugins; print(gigapath.OFFICIAL)"],
