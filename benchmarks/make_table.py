@@ -153,7 +153,31 @@ def _rows_executors(d: dict) -> list[list[str]]:
     return rows
 
 
-RENDER = {"input_path": _rows_input_path, "finetune_cache": _rows_finetune_cache, "tiling": _rows_tiling, "tissue": _rows_tissue, "resample": _rows_resample,
+def _rss(peak: float | None, start: float | None) -> str:
+    """``"; peak RSS 1449 MiB (+171)"``: the process's peak during a stage and its rise over the stage's start."""
+    if not peak:
+        return ""
+    return f"; peak RSS {peak:.0f} MiB" + (f" (+{peak - start:.0f})" if start is not None else "")
+
+
+def _rows_whole_slide(d: dict) -> list[list[str]]:
+    rows = []
+    for sl in d.get("slides", []):
+        where = f"whole slide ({sl['slide']}, {sl['n_tiles']} tiles)"
+        load = _span(sl.get("load_avg_1m", []))
+        for s in sl["stages"]:
+            peak = _rss(s.get("peak_rss_mib"), s.get("rss_start_mib"))
+            bare = (f"{s['bare_seconds']:.2f} s ({s['bare']}"
+                    f"{_rss(s.get('bare_peak_rss_mib'), s.get('bare_rss_start_mib'))})" if "bare" in s else "—")
+            ratio = f"{s['ratio']:.2f}× the bare time" if "ratio" in s else "—"
+            rows.append([where, f"{s['stage']}: quick-start pipeline{peak}", f"{s['seconds']:.2f} s", bare, ratio,
+                         "—", None, load])
+        rows.append([where, f"whole run (gigapath run); peak RSS {sl['run_peak_rss_mib']:.0f} MiB",
+                     f"{sl['run_seconds']:.1f} s", "—", "—", "—", None, load])
+    return rows
+
+
+RENDER = {"input_path": _rows_input_path, "whole_slide": _rows_whole_slide, "finetune_cache": _rows_finetune_cache, "tiling": _rows_tiling, "tissue": _rows_tissue, "resample": _rows_resample,
           "tile_encoder": _rows_tile_encoder, "executors": _rows_executors}
 
 

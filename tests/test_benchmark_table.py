@@ -38,3 +38,23 @@ def test_rows_carry_the_measured_ratio_target_machine_and_load(tmp_path):
                          "3.2–5.0"]
     assert rows[1].split("|")[5:7] == [" 0.90× ", " ≥ 1.7 "]
     assert "`zzz.json`: mystery (no table renderer" in _make_table().render(tmp_path)
+
+
+def test_whole_slide_rows_give_each_stage_its_bare_reference_and_peak_rss(tmp_path):
+    stages = [{"stage": "startup", "seconds": 4.0, "peak_rss_mib": 900.0, "rss_start_mib": 500.0},
+              {"stage": "tiling", "seconds": 0.6, "peak_rss_mib": 950.0, "rss_start_mib": 900.0,
+               "bare": "thumbnail + threshold_otsu", "bare_seconds": 0.3, "bare_peak_rss_mib": 700.0,
+               "bare_rss_start_mib": 690.0, "ratio": 2.0},
+              {"stage": "outputs", "seconds": 0.2}]
+    result = {"benchmark": "whole_slide", "slides": [{"slide": "s.svs", "n_tiles": 49, "stages": stages,
+                                                       "run_seconds": 5.5, "run_peak_rss_mib": 960.0,
+                                                       "load_avg_1m": [1.5]}],
+              "machine": {"cpu_model": "Test CPU", "cpus": 2, "load_avg": [1.5, 1, 1]}}
+    (tmp_path / "whole_slide.json").write_text(json.dumps(result))
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in _make_table().render(tmp_path).splitlines()
+            if r.startswith("| whole slide")]
+    assert len(rows) == 4 and all(r[0].startswith("whole slide (s.svs, 49 tiles)") for r in rows)
+    assert rows[1][1:6] == ["tiling: quick-start pipeline; peak RSS 950 MiB (+50)", "0.60 s",
+                            "0.30 s (thumbnail + threshold_otsu; peak RSS 700 MiB (+10))", "2.00× the bare time", "—"]
+    assert rows[0][3:5] == ["—", "—"] and rows[2][1:3] == ["outputs: quick-start pipeline", "0.20 s"]
+    assert rows[3][1:3] == ["whole run (gigapath run); peak RSS 960 MiB", "5.5 s"] and rows[3][6:] == ["Test CPU, 2 cores", "1.5"]

@@ -14,7 +14,7 @@ from torchvision import transforms as T
 
 import gigapath_core as gp
 from gigapath_core.stages.tile_embedding import TileDataset, embed_tiles
-from gigapath_core.stages.tile_input import BatchNormalize, TransformSplit, split_transform
+from gigapath_core.stages.tile_input import BatchNormalize, ReusedBuffer, TransformSplit, split_transform
 from gigapath_core.stages.tiling import open_slide
 from gigapath_plugins.tile_encoders._common import HALF, IMAGENET_MEAN, IMAGENET_STD, TileTransform
 
@@ -115,3 +115,22 @@ def test_batch_normalize_rejects_other_inputs():
         norm(torch.zeros(2, 8, 8, 3))
     with pytest.raises(ValueError, match="non-zero"):
         BatchNormalize((0.5, 0.5, 0.5), (0.5, 0.0, 0.5))
+
+
+def test_normalize_into_a_reused_buffer():
+    norm = BatchNormalize(IMAGENET_MEAN, IMAGENET_STD)
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.integers(0, 256, (4, 6, 5, 3), dtype=np.uint8))
+    buffers = ReusedBuffer()
+    first = buffers.get((4, 3, 6, 5), channels_last=False)
+    got = norm(a, out=first)
+    assert got.data_ptr() == first.data_ptr() and torch.equal(got, norm(a))
+    short = buffers.get((2, 3, 6, 5), channels_last=False)  # a shorter last batch: the first rows, same memory
+    assert short.shape == (2, 3, 6, 5) and short.data_ptr() == first.data_ptr()
+    assert torch.equal(norm(a[:2], out=short), norm(a[:2]))
+    cl = buffers.get((4, 3, 6, 5), channels_last=True)  # another memory format: a new buffer
+    assert cl.is_contiguous(memory_format=torch.channels_last) and cl.data_ptr() != first.data_ptr()
+    assert torch.equal(norm(a, True, out=cl), norm(a))
+    assert buffers.get((4, 3, 7, 5), channels_last=True).shape == (4, 3, 7, 5)
+    with pytest.raises(ValueError, match="out must be float32"):
+        norm(a, out=torch.empty(4, 3, 6, 6))

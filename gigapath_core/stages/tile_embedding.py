@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from ..errors import NonFiniteError, ReaderWorkerDiedError, SlideError, SlideReadError, StageStalledError
 from ..kinds import TileEncoder
 from ..watchdog import Watchdog, exit_with_parent
-from .tile_input import BatchNormalize, split_transform
+from .tile_input import BatchNormalize, ReusedBuffer, split_transform
 from .worker_start import loader_context
 
 EMBEDDINGS_FILE = "tile_embeddings.h5"
@@ -220,6 +220,7 @@ def embed_tiles(encoder: TileEncoder, dataset: Dataset, *, batch_size: int = 32,
                         multiprocessing_context=context, worker_init_fn=_reader_worker_init if workers else None)
     channels_last = use_channels_last(encoder)
     batch_transform = getattr(dataset, "batch_transform", None)
+    buffer = ReusedBuffer()  # the model input of each batch on the CPU (row i is copied out before the next)
     encoder.to(device).eval()
     if channels_last:
         encoder.to(memory_format=torch.channels_last)
@@ -246,9 +247,12 @@ def embed_tiles(encoder: TileEncoder, dataset: Dataset, *, batch_size: int = 32,
                     where = f" at level-0 ({coords[i][0]}, {coords[i][1]})" if coords is not None else ""
                     raise SlideReadError(slide_path, f"cannot read tile {i}{where}: {e}")
                 images = images.to(device, non_blocking=device.type == "cuda")  # pinned by the loader on CUDA
-                if batch_transform is not None:  # one elementwise pass: on the CPU, one thread (see _next_batch)
-                    with torch_threads(1) if device.type == "cpu" else contextlib.nullcontext():
-                        images = batch_transform(images, channels_last=channels_last)
+                if batch_transform is not None and device.type == "cpu":  # one thread, as in _next_batch
+                    b, h, w, _ = images.shape
+                    with torch_threads(1):
+                        images = batch_transform(images, channels_last, out=buffer.get((b, 3, h, w), channels_last))
+                elif batch_transform is not None:
+                    images = batch_transform(images, channels_last)
                 elif channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 feats = encoder(images).float().cpu().numpy()

@@ -43,14 +43,21 @@ class BatchNormalize:
             raise ValueError(f"BatchNormalize needs 3 means and 3 non-zero stds, got {self.mean}, {self.std}")
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, batch: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    def __call__(self, batch: torch.Tensor, channels_last: bool = False, out: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         """(B, h, w, 3) uint8 (any device) -> (B, 3, h, w) float32 on that device; ``channels_last``: the
-        result in channels-last memory format (no extra copy: it is the uint8 batch's own layout)."""
+        result in channels-last memory format (no extra copy: it is the uint8 batch's own layout). ``out``: a
+        float32 tensor of the result's shape to write into (a buffer reused across batches saves the page
+        faults of a fresh 25 MB allocation per 32 tiles on the CPU)."""
         if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
             raise ValueError(f"expected a (B, h, w, 3) uint8 batch, got {tuple(batch.shape)} {batch.dtype}")
         nchw = batch.permute(0, 3, 1, 2)  # a view: channels-last strides
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        out = torch.empty(nchw.shape, dtype=torch.float32, device=batch.device, memory_format=fmt)
+        if out is None:
+            out = torch.empty(nchw.shape, dtype=torch.float32, device=batch.device, memory_format=fmt)
+        elif out.shape != nchw.shape or out.dtype != torch.float32 or out.device != batch.device:
+            raise ValueError(f"out must be float32 {tuple(nchw.shape)} on {batch.device}, got {tuple(out.shape)} "
+                             f"{out.dtype} on {out.device}")
         out.copy_(nchw)  # uint8 -> float32 and the layout change in one pass
         scale, mean, std = self._constants(batch.device)
         return out.div_(scale).sub_(mean).div_(std)
@@ -69,6 +76,23 @@ class BatchNormalize:
 
     def __repr__(self) -> str:
         return f"BatchNormalize(mean={self.mean}, std={self.std})"
+
+
+class ReusedBuffer:
+    """One float32 (B, 3, h, w) CPU buffer handed out batch after batch (the first ``n`` rows for a shorter
+    last batch), re-made when the shape or memory format changes. Only for a consumer that is done with a
+    batch before it asks for the next (the tile-embedding loop copies each batch's embeddings out first)."""
+
+    def __init__(self):
+        self._buf: torch.Tensor | None = None
+
+    def get(self, shape: tuple[int, ...], channels_last: bool) -> torch.Tensor:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        buf = self._buf
+        if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0] or \
+                not buf.is_contiguous(memory_format=fmt):
+            buf = self._buf = torch.empty(shape, dtype=torch.float32, memory_format=fmt)
+        return buf[:shape[0]]
 
 
 @dataclass(frozen=True)
