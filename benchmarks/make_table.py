@@ -75,7 +75,17 @@ def _rows_input_path(d: dict) -> list[list[str]]:
         w = v["num_workers"]
         target = "≥ 0.95" if w == 0 else "≥ 1.7" if w == 2 else "—"
         load = _span(v["load_avg_1m"])
-        rows.append([f"input path ({d['slide']})", f"embedding stage, {w} reader worker(s), cheap encoder",
+        what = f"embedding stage, {w} reader worker(s), cheap encoder"
+        if d.get("torch_threads"):
+            what += f" (main process: {d['torch_threads']} torch thread(s))"
+        if "ratio_vs_bare_torch" in v:  # results since the CPU-time columns were added
+            cpu = v["cpu_ms_per_tile"]["stage"]
+            what += (f"; vs a bare torch loop ({_fmt(v['bare_torch_tiles_per_s'])} tiles/s) "
+                     f"{v['ratio_vs_bare_torch']:.2f}×; CPU ms/tile: main {cpu['cpu_ms_main']:.2f}"
+                     + (f" + workers {cpu['cpu_ms_workers']:.2f}" if w else "")
+                     + f", bare {v['cpu_ms_per_tile']['bare']['cpu_ms_main']:.2f}; idle bound "
+                       f"{v['idle_bound']:.2f}× ({v['idle_bound_vs_bare_torch']:.2f}× vs the torch loop)")
+        rows.append([f"input path ({d['slide']})", what,
                      _fmt(v["stage_tiles_per_s"], " tiles/s"), _fmt(v["bare_tiles_per_s"], " tiles/s (1 process)"),
                      f"{v['ratio']:.2f}×", target, None, load])
     return rows
