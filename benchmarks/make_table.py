@@ -187,8 +187,8 @@ def _rows_whole_slide(d: dict) -> list[list[str]]:
     return rows
 
 
-RENDER = {"input_path": _rows_input_path, "whole_slide": _rows_whole_slide, "finetune_cache": _rows_finetune_cache, "tiling": _rows_tiling, "tissue": _rows_tissue, "resample": _rows_resample,
-          "tile_encoder": _rows_tile_encoder, "executors": _rows_executors}
+RENDER = {"input_path": _rows_input_path, "finetune_cache": _rows_finetune_cache, "tiling": _rows_tiling, "tissue": _rows_tissue, "resample": _rows_resample,
+          "tile_encoder": _rows_tile_encoder, "executors": _rows_executors, "whole_slide": _rows_whole_slide}
 
 
 def render(results: Path = RESULTS) -> str:

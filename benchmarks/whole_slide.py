@@ -12,7 +12,9 @@ folder so that nothing is skipped:
   stage is the process's high-water mark, reset when the stage starts (``/proc/self/clear_refs``, Linux), read
   when it ends; it includes what the process already held when the stage started (``rss_start_mib``: the
   imports, and from ``tiling`` on the models). The same for each bare reference (``bare_peak_rss_mib``,
-  ``bare_rss_start_mib``; the pipeline's models are freed before the bare references run).
+  ``bare_rss_start_mib``; the pipeline's models are freed before the bare references run). Reader worker
+  processes (``num_workers: auto`` starts none on the CPU) are not in these figures: ``largest_child_rss_mib``
+  is the peak RSS of the largest child process reaped so far.
 - **bare**, per stage: ``tiling``: ``OpenSlide.get_thumbnail`` + saturation + ``threshold_otsu``
   (``benchmarks/tissue.py``'s bare); ``tile embedding``: an ``openslide.read_region`` loop over the same tiles
   (``tiles.h5``), the published torchvision transform per tile (Resize 256 bicubic, CenterCrop 224, ToTensor,
@@ -130,7 +132,6 @@ def run_pipeline(path: str, out: Path) -> dict:
     meter.wrap(pipeline, "run_slide_embedding", "slide embedding")
     cfg = {"inputs": {"slides": [path]}, "readers": ["openslide", "tifffile"], "device": "auto",
            "tiler": {"name": "otsu"}, "tile_encoder": dict(TILE_ENCODER), "slide_encoder": dict(SLIDE_ENCODER)}
-    children0 = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     try:
         t = time.perf_counter()
         code = meter.measure("run", gp.run, cfg, out=str(out))
@@ -155,8 +156,8 @@ def run_pipeline(path: str, out: Path) -> dict:
     starts = {k: sp[k]["rss_start_mib"] for k in peaks}
     return {"seconds": seconds, "peak_rss_mib": peaks, "rss_start_mib": starts, "run_seconds": total,
             "run_peak_rss_mib": sp["run"]["peak_rss_mib"], "n_tiles": int(row["n_tiles"]),
-            "reader": row["reader"], "workers_peak_rss_mib": round(max(
-                0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss - children0) / 1024, 1) or None}
+            "reader": row["reader"],
+            "largest_child_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 
 
 def bare_references(path: str, out: Path) -> dict:
@@ -260,7 +261,7 @@ def child(path: str, rounds: int, work: Path) -> dict:
             "reader": pipes[0]["reader"], "rounds": rounds, "stages": stages,
             "run_seconds": round(med(p["run_seconds"] for p in pipes), 3),
             "run_peak_rss_mib": max(p["run_peak_rss_mib"] for p in pipes),
-            "workers_peak_rss_mib": pipes[0]["workers_peak_rss_mib"], "load_avg_1m": loads}
+            "largest_child_rss_mib": max(p["largest_child_rss_mib"] for p in pipes), "load_avg_1m": loads}
 
 
 # ------------------------------------------------------------------ driver
@@ -299,7 +300,8 @@ def main() -> None:
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             res.update(name=name, child_wall_seconds=round(time.perf_counter() - t, 1), **info)
             results.append(res)
-            print(f"{name}: {res['n_tiles']} tiles, run {res['run_seconds']:.1f} s (child {res['child_wall_seconds']} s)")
+            print(f"{name}: {res['n_tiles']} tiles, run {res['run_seconds']:.1f} s "
+                  f"(child process {res['child_wall_seconds']} s)")
             for s in res["stages"]:
                 bare = f"  bare {s['bare_seconds']:.2f} s  ratio {s['ratio']:.2f}" if "bare" in s else ""
                 peak = f"  peak {s['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in s else ""
