@@ -25,7 +25,12 @@ folder so that nothing is skipped:
 ``ratio`` is gigapath seconds / bare seconds (below 1: faster than the bare reference). Slides: ``cmu1`` (the
 bundled CMU-1-Small-Region.svs, 49 tiles) and ``pyramid`` (CMU-1-Small-Region replicated to ``--pyramid-side``
 px a side, a JPEG tiled pyramidal TIFF built with ``benchmarks/tiling.py``'s ``build_pyramid`` and deleted
-afterwards: about 3,000 tiles at 20,000 px).
+afterwards: 11,100 x 11,868 px at the default 10,000, 22,200 x 20,769 px at 20,000).
+
+Wall time on this project's 2-core machine is about twice the ViT-S/14 time of the slide's tiles (the pipeline
+and the bare loop each embed every tile once per round): CMU-1 ~1 min idle (3.5 min at load 5); a 4,000-px
+pyramid (199 tiles) took 2.6 min at load 4.5; 10,000 px is ~1,000 tiles, 20,000 px ~3,400 tiles (~6 min
+idle at ~20 tiles/s). On CUDA the tile encoder runs in bf16 and these take seconds.
 
 Usage::
 
@@ -268,7 +273,7 @@ def child(path: str, rounds: int, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slides", nargs="+", choices=["cmu1", "pyramid"], default=["cmu1"])
-    ap.add_argument("--pyramid-side", type=int, default=20000, help="min px a side of the generated slide")
+    ap.add_argument("--pyramid-side", type=int, default=10000, help="min px a side of the generated slide")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
