@@ -100,17 +100,21 @@ class Meter:
 
     def __init__(self):
         self.spans: dict[str, dict] = {}
+        self._ends: list[float] = []  # peak RSS at the end of every span so far (a nested span resets the mark)
 
     def measure(self, name: str, fn, *args, **kwargs):
         start = rss_mib()
         reset_peak_rss()
+        first = len(self._ends)
         t = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             span = self.spans.setdefault(name, {"seconds": 0.0, "peak_rss_mib": 0.0, "rss_start_mib": start})
             span["seconds"] += time.perf_counter() - t
-            span["peak_rss_mib"] = max(span["peak_rss_mib"], peak_rss_mib())
+            peak = max([peak_rss_mib(), *self._ends[first:]])
+            span["peak_rss_mib"] = max(span["peak_rss_mib"], peak)
+            self._ends.append(peak)
 
     def wrap(self, module, attr: str, name: str) -> None:
         fn = getattr(module, attr)
