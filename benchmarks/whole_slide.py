@@ -30,9 +30,10 @@ px a side, a JPEG tiled pyramidal TIFF built with ``benchmarks/tiling.py``'s ``b
 afterwards: 11,100 x 11,868 px at the default 10,000, 22,200 x 20,769 px at 20,000).
 
 Wall time on this project's 2-core machine is about twice the ViT-S/14 time of the slide's tiles (the pipeline
-and the bare loop each embed every tile once per round): CMU-1 ~1 min idle (3.5 min at load 5); a 4,000-px
-pyramid (199 tiles) took 2.6 min at load 4.5; 10,000 px is ~1,000 tiles, 20,000 px ~3,400 tiles (~6 min
-idle at ~20 tiles/s). On CUDA the tile encoder runs in bf16 and these take seconds.
+and the bare loop each embed every tile once per round), plus ~15 s of warm-up: CMU-1 took 29 s at load 1.4
+(3.5 min at load 5); a 4,000-px pyramid (199 tiles) 2.6 min at load 4.5; 10,000 px is ~1,000 tiles (~2-3 min
+idle), 20,000 px ~3,400 tiles (~6 min idle at ~20 tiles/s). On CUDA the tile encoder runs in bf16 and these
+take seconds.
 
 Usage::
 
