@@ -8,11 +8,20 @@ same machine load:
   transform is the usual ``ToTensor -> Normalize(ImageNet)`` (:class:`TileTransform`, no resize) and the model
   takes per-channel mean and standard deviation (B, 6) — so reading, transform and collation are the cost;
 - **bare**: ``openslide.OpenSlide.read_region(xy, level, (s, s)).convert("RGB")`` then the same normalisation
-  and per-channel mean/std in numpy, one tile at a time, single process.
+  and per-channel mean/std in numpy, one tile at a time, single process;
+- **bare torch** (a second reference, same compute as the stage): the same reads, the encoder's own transform
+  (torchvision ``ToTensor -> Normalize``) per tile, ``torch.stack`` per batch and the same encoder module, on
+  one torch thread (the loop a user would write around the model, without a DataLoader).
 
-Variants: the stage with ``num_workers`` 0 and 2 (DataLoader reader workers), each against the bare loop. The
+Variants: the stage with ``num_workers`` 0 and 2 (DataLoader reader workers), each against the bare loops. The
 tile coordinates are the tiler's grid on the slide, cycled to ``--reads`` tiles. Ratios are stage tiles/s over
 bare tiles/s (the targets of issue #16: >= 0.95 with 0 workers, >= 1.7 with 2 workers on 2 idle cores).
+
+Each pass also records the CPU time it used per tile, in the main process and in its reader workers
+(``getrusage``; workers are reaped at the end of the pass): unlike tiles/s this hardly depends on the load, and
+``idle_bound`` = bare CPU per tile / max(main CPU, (main + workers CPU) / cores) is the ratio the stage could
+reach on idle cores with perfect overlap. The main process keeps torch's thread count unless
+``--torch-threads`` sets one (recorded as ``torch_threads``).
 
 Usage::
 
@@ -22,6 +31,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import sys
 import time
@@ -62,17 +73,20 @@ class ChannelStats(torch.nn.Module):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slide", choices=sorted(SLIDES), default="cmu1")
-    ap.add_argument("--reads", type=int, default=600, help="tiles per pass (the grid cycled)")
+    ap.add_argument("--reads", type=int, default=1200, help="tiles per pass (the grid cycled)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[0, 2])
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads in the main process")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     import openslide
 
     from gigapath_core.api import build
-    from gigapath_core.stages.tile_embedding import TileDataset, embed_tiles
+    from gigapath_core.stages.tile_embedding import TileDataset, embed_tiles, torch_threads
     from gigapath_core.stages.tiling import open_slide
 
     path = str(SLIDES[args.slide])
@@ -85,47 +99,72 @@ def main() -> None:
     enc = ChannelStats()
     slide = openslide.OpenSlide(path)
 
-    def bare() -> float:
-        t = time.perf_counter()
+    from PIL import Image
+
+    def read(x, y) -> Image.Image:
+        img = slide.read_region((int(x), int(y)), level, (size, size)).convert("RGB")
+        return img if size == tile else img.resize((tile, tile), Image.LANCZOS)
+
+    def bare() -> None:
         for x, y in coords:
-            img = slide.read_region((int(x), int(y)), level, (size, size)).convert("RGB")
-            if size != tile:
-                from PIL import Image
-
-                img = img.resize((tile, tile), Image.LANCZOS)
-            a = (np.asarray(img, dtype=np.float32) / 255 - MEAN) / STD
+            a = (np.asarray(read(x, y), dtype=np.float32) / 255 - MEAN) / STD
             np.concatenate([a.mean((0, 1)), a.std((0, 1))])
-        return len(coords) / (time.perf_counter() - t)
 
-    def stage(workers: int) -> float:
+    @torch.inference_mode()
+    def bare_torch() -> None:
+        with torch_threads(1):
+            for i in range(0, len(coords), args.batch_size):
+                enc(torch.stack([enc.tile_transform.compose(read(x, y)) for x, y in coords[i:i + args.batch_size]]))
+
+    def stage(workers: int) -> None:
         ds = TileDataset(path, reader, tiler, coords, level, size, tile, enc.transform)
-        t = time.perf_counter()
         embed_tiles(enc, ds, batch_size=args.batch_size, num_workers=workers, device="cpu", precision="fp32")
-        rate = len(coords) / (time.perf_counter() - t)
         ds.close()
-        return rate
 
-    bare(), stage(0)  # warm-up
+    def measure(fn, *a) -> dict:
+        """tiles/s, and CPU ms per tile in this process and in the children reaped meanwhile."""
+        r0, c0, t = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN), \
+            time.perf_counter()
+        fn(*a)
+        wall = time.perf_counter() - t
+        r1, c1 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = lambda u0, u1: (u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime) * 1e3 / len(coords)  # noqa: E731
+        return {"tiles_per_s": len(coords) / wall, "cpu_ms_main": cpu(r0, r1), "cpu_ms_workers": max(0.0, cpu(c0, c1))}
+
+    cores = len(os.sched_getaffinity(0))
+    med = statistics.median
+    bare(), bare_torch(), stage(0)  # warm-up
     variants = []
     for w in args.workers:
-        a, b, loads = [], [], []
+        runs: dict[str, list[dict]] = {"bare": [], "bare_torch": [], "stage": []}
+        loads = []
         for r in range(args.rounds):
             loads.append(load_average()[0])
-            if r % 2:
-                b.append(stage(w))
-                a.append(bare())
-            else:
-                a.append(bare())
-                b.append(stage(w))
-        ratio = statistics.median(b) / statistics.median(a)
-        variants.append({"num_workers": w, "bare_tiles_per_s": round(statistics.median(a), 1),
-                         "stage_tiles_per_s": round(statistics.median(b), 1), "ratio": round(ratio, 3),
-                         "rounds_bare": [round(v, 1) for v in a], "rounds_stage": [round(v, 1) for v in b],
+            order = [("bare", bare, ()), ("bare_torch", bare_torch, ()), ("stage", stage, (w,))]
+            for name, fn, a in (order if r % 2 == 0 else order[::-1]):
+                runs[name].append(measure(fn, *a))
+        rate = {k: med(m["tiles_per_s"] for m in v) for k, v in runs.items()}
+        cpu = {k: {c: round(med(m[c] for m in v), 3) for c in ("cpu_ms_main", "cpu_ms_workers")}
+               for k, v in runs.items()}
+        st = cpu["stage"]
+        bound = max(st["cpu_ms_main"], (st["cpu_ms_main"] + st["cpu_ms_workers"]) / min(cores, w + 1))
+        variants.append({"num_workers": w, "bare_tiles_per_s": round(rate["bare"], 1),
+                         "stage_tiles_per_s": round(rate["stage"], 1), "ratio": round(rate["stage"] / rate["bare"], 3),
+                         "bare_torch_tiles_per_s": round(rate["bare_torch"], 1),
+                         "ratio_vs_bare_torch": round(rate["stage"] / rate["bare_torch"], 3),
+                         "cpu_ms_per_tile": cpu,
+                         "idle_bound": round(cpu["bare"]["cpu_ms_main"] / bound, 3),
+                         "idle_bound_vs_bare_torch": round(cpu["bare_torch"]["cpu_ms_main"] / bound, 3),
+                         **{f"rounds_{k}": [round(m["tiles_per_s"], 1) for m in v] for k, v in runs.items()},
                          "load_avg_1m": loads})
-        print(f"{args.slide} workers={w}: stage {statistics.median(b):.0f} tiles/s, bare "
-              f"{statistics.median(a):.0f} tiles/s, ratio {ratio:.2f} (load {loads})", flush=True)
+        v = variants[-1]
+        print(f"{args.slide} workers={w}: stage {rate['stage']:.0f} tiles/s, bare {rate['bare']:.0f} tiles/s "
+              f"(ratio {v['ratio']:.2f}), bare torch {rate['bare_torch']:.0f} tiles/s (ratio "
+              f"{v['ratio_vs_bare_torch']:.2f}); CPU ms/tile {cpu}; idle bound {v['idle_bound']:.2f} / "
+              f"{v['idle_bound_vs_bare_torch']:.2f} (load {loads})", flush=True)
     result = {"benchmark": "input_path", "slide": Path(path).name, "reader": reader, "level": level,
               "read_size": size, "tile_size": tile, "reads_per_pass": len(coords), "batch_size": args.batch_size,
+              "torch_threads": torch.get_num_threads(),
               "encoder": "channel_stats (ToTensor+Normalize transform, per-channel mean/std)", "variants": variants}
     if args.out:
         write_result(args.out, result)

@@ -75,7 +75,17 @@ def _rows_input_path(d: dict) -> list[list[str]]:
         w = v["num_workers"]
         target = "≥ 0.95" if w == 0 else "≥ 1.7" if w == 2 else "—"
         load = _span(v["load_avg_1m"])
-        rows.append([f"input path ({d['slide']})", f"embedding stage, {w} reader worker(s), cheap encoder",
+        what = f"embedding stage, {w} reader worker(s), cheap encoder"
+        if d.get("torch_threads"):
+            what += f" (main process: {d['torch_threads']} torch thread(s))"
+        if "ratio_vs_bare_torch" in v:  # results since the CPU-time columns were added
+            cpu = v["cpu_ms_per_tile"]["stage"]
+            what += (f"; vs a bare torch loop ({_fmt(v['bare_torch_tiles_per_s'])} tiles/s) "
+                     f"{v['ratio_vs_bare_torch']:.2f}×; CPU ms/tile: main {cpu['cpu_ms_main']:.2f}"
+                     + (f" + workers {cpu['cpu_ms_workers']:.2f}" if w else "")
+                     + f", bare {v['cpu_ms_per_tile']['bare']['cpu_ms_main']:.2f}; idle bound "
+                       f"{v['idle_bound']:.2f}× ({v['idle_bound_vs_bare_torch']:.2f}× vs the torch loop)")
+        rows.append([f"input path ({d['slide']})", what,
                      _fmt(v["stage_tiles_per_s"], " tiles/s"), _fmt(v["bare_tiles_per_s"], " tiles/s (1 process)"),
                      f"{v['ratio']:.2f}×", target, None, load])
     return rows
@@ -192,8 +202,33 @@ def _rows_slide_encoder(d: dict) -> list[list[str]]:
     return rows
 
 
-RENDER = {"input_path": _rows_input_path, "finetune_cache": _rows_finetune_cache, "tiling": _rows_tiling, "tissue": _rows_tissue, "resample": _rows_resample,
-          "tile_encoder": _rows_tile_encoder, "executors": _rows_executors, "slide_encoder": _rows_slide_encoder}
+def _rss(peak: float | None, start: float | None) -> str:
+    """``"; peak RSS 1449 MiB (+171)"``: the process's peak during a stage and its rise over the stage's start."""
+    if not peak:
+        return ""
+    return f"; peak RSS {peak:.0f} MiB" + (f" (+{peak - start:.0f})" if start is not None else "")
+
+
+def _rows_whole_slide(d: dict) -> list[list[str]]:
+    rows = []
+    for sl in d.get("slides", []):
+        where = f"whole slide ({sl['slide']}, {sl['n_tiles']} tiles)"
+        load = _span(sl.get("load_avg_1m", []))
+        for s in sl["stages"]:
+            peak = _rss(s.get("peak_rss_mib"), s.get("rss_start_mib"))
+            bare = (f"{s['bare_seconds']:.2f} s ({s['bare']}"
+                    f"{_rss(s.get('bare_peak_rss_mib'), s.get('bare_rss_start_mib'))})" if "bare" in s else "—")
+            ratio = f"{s['ratio']:.2f}× the bare time" if "ratio" in s else "—"
+            rows.append([where, f"{s['stage']}: quick-start pipeline{peak}", f"{s['seconds']:.2f} s", bare, ratio,
+                         "—", None, load])
+        rows.append([where, f"whole run (gigapath run); peak RSS {sl['run_peak_rss_mib']:.0f} MiB",
+                     f"{sl['run_seconds']:.1f} s", "—", "—", "—", None, load])
+    return rows
+
+
+RENDER = {"input_path": _rows_input_path, "finetune_cache": _rows_finetune_cache, "tiling": _rows_tiling,
+          "tissue": _rows_tissue, "resample": _rows_resample, "tile_encoder": _rows_tile_encoder,
+          "executors": _rows_executors, "slide_encoder": _rows_slide_encoder, "whole_slide": _rows_whole_slide}
 
 
 def render(results: Path = RESULTS) -> str:

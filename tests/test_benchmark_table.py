@@ -75,3 +75,43 @@ def test_slide_encoder_rows_show_the_math_ratio_and_the_fraction_of_the_compute_
     assert rows[1][3:5] == ["— (math kernel not run at this N)", "—"]
     assert "timed out" in rows[2][1]
     assert rows[3][2] == "34.5 MiB per 1,000 tiles + 1,070 MiB" and "R² = 0.994" in rows[3][1]
+
+
+def test_whole_slide_rows_give_each_stage_its_bare_reference_and_peak_rss(tmp_path):
+    stages = [{"stage": "startup", "seconds": 4.0, "peak_rss_mib": 900.0, "rss_start_mib": 500.0},
+              {"stage": "tiling", "seconds": 0.6, "peak_rss_mib": 950.0, "rss_start_mib": 900.0,
+               "bare": "thumbnail + threshold_otsu", "bare_seconds": 0.3, "bare_peak_rss_mib": 700.0,
+               "bare_rss_start_mib": 690.0, "ratio": 2.0},
+              {"stage": "outputs", "seconds": 0.2}]
+    result = {"benchmark": "whole_slide", "slides": [{"slide": "s.svs", "n_tiles": 49, "stages": stages,
+                                                       "run_seconds": 5.5, "run_peak_rss_mib": 960.0,
+                                                       "load_avg_1m": [1.5]}],
+              "machine": {"cpu_model": "Test CPU", "cpus": 2, "load_avg": [1.5, 1, 1]}}
+    (tmp_path / "whole_slide.json").write_text(json.dumps(result))
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in _make_table().render(tmp_path).splitlines()
+            if r.startswith("| whole slide")]
+    assert len(rows) == 4 and all(r[0].startswith("whole slide (s.svs, 49 tiles)") for r in rows)
+    assert rows[1][1:6] == ["tiling: quick-start pipeline; peak RSS 950 MiB (+50)", "0.60 s",
+                            "0.30 s (thumbnail + threshold_otsu; peak RSS 700 MiB (+10))", "2.00× the bare time",
+                            "—"]
+    assert rows[0][3:5] == ["—", "—"] and rows[2][1:3] == ["outputs: quick-start pipeline", "0.20 s"]
+    assert rows[3][1:3] == ["whole run (gigapath run); peak RSS 960 MiB", "5.5 s"]
+    assert rows[3][6:] == ["Test CPU, 2 cores", "1.5"]
+
+
+def test_input_path_rows_show_the_torch_loop_ratio_and_cpu_per_tile(tmp_path):
+    cpu = {"bare": {"cpu_ms_main": 5.2, "cpu_ms_workers": 0.0},
+           "bare_torch": {"cpu_ms_main": 2.8, "cpu_ms_workers": 0.0},
+           "stage": {"cpu_ms_main": 1.49, "cpu_ms_workers": 1.65}}
+    v = {"num_workers": 2, "stage_tiles_per_s": 370.2, "bare_tiles_per_s": 185.6, "ratio": 1.995,
+         "bare_torch_tiles_per_s": 354.7, "ratio_vs_bare_torch": 1.044, "cpu_ms_per_tile": cpu, "idle_bound": 3.33,
+         "idle_bound_vs_bare_torch": 1.78, "load_avg_1m": [4.1]}
+    result = {"benchmark": "input_path", "slide": "s.svs", "torch_threads": 1, "variants": [v],
+              "machine": {"cpu_model": "Test CPU", "cpus": 2}}
+    (tmp_path / "input_path.json").write_text(json.dumps(result))
+    row = next(r for r in _make_table().render(tmp_path).splitlines() if r.startswith("| input path"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == ("embedding stage, 2 reader worker(s), cheap encoder (main process: 1 torch thread(s)); vs a "
+                        "bare torch loop (355 tiles/s) 1.04×; CPU ms/tile: main 1.49 + workers 1.65, bare 5.20; "
+                        "idle bound 3.33× (1.78× vs the torch loop)")
+    assert cells[2:6] == ["370 tiles/s", "186 tiles/s (1 process)", "2.00×", "≥ 1.7"]

@@ -82,7 +82,7 @@ def test_channels_last_cnn_same_values(setup, example_slide):
     ds = TileDataset(str(example_slide), "openslide", tiler, grid.coords[:3], grid.level, grid.read_size,
                      grid.tile_size, cnn.transform)
     with torch.inference_mode():
-        plain = cnn(torch.stack([ds[i][0] for i in range(3)])).numpy()
+        plain = cnn(torch.stack([cnn.transform(ds.read(i)) for i in range(3)])).numpy()
     feats = embed_tiles(cnn, ds, batch_size=3, num_workers=0)
     np.testing.assert_allclose(feats, plain, rtol=1e-4, atol=1e-4)
 

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..errors import NonFiniteError, ReaderWorkerDiedError, SlideError, SlideReadError, StageStalledError
 from ..kinds import TileEncoder
 from ..watchdog import Watchdog, exit_with_parent
+from .tile_input import BatchNormalize, ReusedBuffer, split_transform
 from .worker_start import loader_context
 
 EMBEDDINGS_FILE = "tile_embeddings.h5"
@@ -47,8 +48,12 @@ def _picklable_transform(transform: Callable[[np.ndarray], torch.Tensor]) -> Cal
 class TileDataset(Dataset):
     """Tiles of one slide, read lazily (each DataLoader worker opens its own slide handle).
 
-    Item ``i`` is ``(image (3, h, w) float32, i, error)``; ``error`` is "" or the reason tile ``i`` could not
-    be read (the stage then fails the slide with :class:`SlideReadError`).
+    Item ``i`` is ``(image, i, error)``; ``error`` is "" or the reason tile ``i`` could not be read (the stage
+    then fails the slide with :class:`SlideReadError`). When the transform splits
+    (:func:`gigapath_core.stages.tile_input.split_transform`: the bundled encoders' transforms do), ``image`` is
+    the (h, w, 3) uint8 tile after the transform's resize/crop and :attr:`batch_transform` turns a stacked batch
+    of them into the model input where the model runs; otherwise ``image`` is the transform's (3, h, w) float32
+    output and :attr:`batch_transform` is None. :meth:`model_input` gives tile ``i`` as the model sees it.
 
     Args:
         slide_path: the slide file.
@@ -64,6 +69,10 @@ class TileDataset(Dataset):
         self.coords = np.asarray(coords).reshape(-1, 2)
         self.level, self.read_size, self.tile_size = level, read_size, tile_size
         self.transform = _picklable_transform(transform)
+        split = split_transform(self.transform)
+        self.pixels = split.pixels if split else None
+        #: (B, h, w, 3) uint8 -> (B, 3, h, w) float32 model input, or None (items are model inputs already)
+        self.batch_transform: BatchNormalize | None = split.normalize if split else None
         self._wsi = None
 
     def __len__(self) -> int:
@@ -80,9 +89,24 @@ class TileDataset(Dataset):
         """(tile_size, tile_size, 3) uint8 RGB pixels of tile ``i``."""
         return self.tiler.read_tile(self._open(), self.coords[i], self.level, self.read_size, self.tile_size)
 
+    def item(self, tile: np.ndarray) -> torch.Tensor:
+        """What a loader item carries for ``tile``: (h, w, 3) uint8 when the transform splits, else the
+        transform's (3, h, w) float32."""
+        if self.batch_transform is None:
+            return self.transform(tile)
+        if self.pixels is not None:
+            tile = self.pixels(tile)
+        tile = np.ascontiguousarray(tile, dtype=np.uint8)
+        return torch.from_numpy(tile if tile.flags.writeable else tile.copy())  # PIL arrays are read-only
+
+    def model_input(self, i: int) -> torch.Tensor:
+        """(3, h, w) float32: tile ``i`` as the encoder gets it (the transform's output)."""
+        image = self.item(self.read(i))
+        return image if self.batch_transform is None else self.batch_transform(image[None])[0]
+
     def __getitem__(self, i: int):
         try:
-            return self.transform(self.read(i)), i, ""
+            return self.item(self.read(i)), i, ""
         except Exception as err:  # reported by the main process with the slide path
             return torch.zeros(0), i, f"{type(err).__name__}: {err}"
 
@@ -98,11 +122,14 @@ class TileDataset(Dataset):
 
 
 def _collate(batch):
+    """Stack a batch's images with torch's ``default_collate``: in a worker it stacks straight into shared
+    memory (``torch/utils/data/_utils/collate.py`` ``collate_tensor_fn``), which saves a copy of every batch
+    on its way to the main process (``torch.stack`` then pickling copied each batch twice)."""
     errors = [(i, e) for _, i, e in batch if e]
     idx = torch.tensor([i for _, i, _ in batch], dtype=torch.long)
     if errors:
         return None, idx, errors
-    return torch.stack([b[0] for b in batch]), idx, []
+    return default_collate([b[0] for b in batch]), idx, []
 
 
 def resolved_precision(device: torch.device, precision: str) -> str:
@@ -192,6 +219,8 @@ def embed_tiles(encoder: TileEncoder, dataset: Dataset, *, batch_size: int = 32,
                         prefetch_factor=4 if workers else None, timeout=batch_timeout_s if workers else 0,
                         multiprocessing_context=context, worker_init_fn=_reader_worker_init if workers else None)
     channels_last = use_channels_last(encoder)
+    batch_transform = getattr(dataset, "batch_transform", None)
+    buffer = ReusedBuffer()  # the model input of each batch on the CPU (row i is copied out before the next)
     encoder.to(device).eval()
     if channels_last:
         encoder.to(memory_format=torch.channels_last)
@@ -217,8 +246,14 @@ def embed_tiles(encoder: TileEncoder, dataset: Dataset, *, batch_size: int = 32,
                     coords = getattr(dataset, "coords", None)
                     where = f" at level-0 ({coords[i][0]}, {coords[i][1]})" if coords is not None else ""
                     raise SlideReadError(slide_path, f"cannot read tile {i}{where}: {e}")
-                images = images.to(device, non_blocking=True)
-                if channels_last:
+                images = images.to(device, non_blocking=device.type == "cuda")  # pinned by the loader on CUDA
+                if batch_transform is not None and device.type == "cpu":  # one thread, as in _next_batch
+                    b, h, w, _ = images.shape
+                    with torch_threads(1):
+                        images = batch_transform(images, channels_last, out=buffer.get((b, 3, h, w), channels_last))
+                elif batch_transform is not None:
+                    images = batch_transform(images, channels_last)
+                elif channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 feats = encoder(images).float().cpu().numpy()
                 rows = idx.numpy()

@@ -12,6 +12,7 @@ import torch
 
 from gigapath_core.errors import ConfigError
 from gigapath_core.kinds import TileEncoder
+from gigapath_core.stages.tile_input import BatchNormalize, TransformSplit
 
 log = logging.getLogger("gigapath")
 
@@ -54,13 +55,28 @@ class TileTransform:
             steps.append(T.Resize(resize, interpolation=modes[interpolation]))
         if crop:
             steps.append(T.CenterCrop(crop))
-        steps += [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
-        self.compose = T.Compose(steps)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.pil_steps = T.Compose(steps) if steps else None
+        self.compose = T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def __call__(self, tile: np.ndarray) -> torch.Tensor:
         from PIL import Image
 
         return self.compose(Image.fromarray(np.ascontiguousarray(tile)))
+
+    def pixels(self, tile: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> (h, w, 3) uint8: the Resize / CenterCrop steps alone (PIL, as in ``compose``)."""
+        if self.pil_steps is None:
+            return tile
+        from PIL import Image
+
+        return np.asarray(self.pil_steps(Image.fromarray(np.ascontiguousarray(tile))))
+
+    def split(self) -> TransformSplit:
+        """This transform as a per-tile uint8 step and a per-batch ToTensor + Normalize
+        (:mod:`gigapath_core.stages.tile_input`; same values bit for bit)."""
+        return TransformSplit(self.pixels if self.pil_steps is not None else None,
+                              BatchNormalize(self.mean, self.std))
 
     def __repr__(self) -> str:
         return f"TileTransform({self.compose})"
