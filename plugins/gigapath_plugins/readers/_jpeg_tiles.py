@@ -208,6 +208,7 @@ class JpegTiles:
         self._closer = weakref.finalize(self, os.close, self._fd)  # closes the file if close() is never called
         self._pid = os.getpid()
         self._lock = threading.Lock()
+        self._verify_lock = threading.Lock()
         self._cache: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
         self._cached = 0
 
@@ -254,7 +255,7 @@ class JpegTiles:
 
     def _after_fork(self) -> None:
         if os.getpid() != self._pid:  # a forked child: fresh lock (the parent's may be held), own cache
-            self._pid, self._lock = os.getpid(), threading.Lock()
+            self._pid, self._lock, self._verify_lock = os.getpid(), threading.Lock(), threading.Lock()
             self._cache, self._cached = collections.OrderedDict(), 0
 
     # ------------------------------------------------------------------ regions
@@ -305,10 +306,14 @@ class JpegTiles:
             return None  # (a tile over a quarter of the cache is left to the library: never cached)
         self._after_fork()
         if lv.verified is None:
-            try:
-                lv.verified = self._verify(level, lv)
-            except Exception:  # the check itself failed (e.g. a corrupt tile): leave the level to the library
-                lv.verified = False
+            # one thread checks, the others wait: a check racing other threads' failing library reads (which
+            # can leave a shared OpenSlide handle failing) would turn the whole level over to the library
+            with self._verify_lock:
+                if lv.verified is None:
+                    try:
+                        lv.verified = self._verify(level, lv)
+                    except Exception:  # the check itself failed (e.g. a corrupt tile): the library reads the level
+                        lv.verified = False
             if not lv.verified:  # drop what was decoded for the check
                 with self._lock:
                     for key in [k for k in self._cache if k[0] == level]:
