@@ -157,8 +157,10 @@ def _rows_resample(d: dict) -> list[list[str]]:
 
 
 def _rows_tile_encoder(d: dict) -> list[list[str]]:
+    gflop = (d.get("flops_per_tile") or {}).get(d["preset"], {}).get("gflops")
+    rate = f"; {gflop:.3g} GFLOP per tile: {gflop * d['stage_tiles_per_s']:.0f} GFLOP/s" if gflop else ""
     return [[f"tile encoder ({d['preset']})", f"embedding stage on {d['n_tiles']} tiles of {d['slide']}, "
-             f"{d['num_workers']} workers", _fmt(d["stage_tiles_per_s"], " tiles/s"),
+             f"{d['num_workers']} workers{rate}", _fmt(d["stage_tiles_per_s"], " tiles/s"),
              _fmt(d["bare_tiles_per_s"], " tiles/s (bare model loop)"), f"{d['ratio']:.2f}×", "≥ 0.9", None, None]]
 
 
