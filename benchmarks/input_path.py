@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--workers", type=lambda s: [int(x) for x in s.split(",")], default=[0, 2])
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--torch-threads", type=int, default=None, help="torch.set_num_threads in the main process")
+    ap.add_argument("--busy", type=int, default=0, help="CPU-bound processes kept running beside the measurement "
+                                                         "(the 'under a second loaded process' case of issue #16)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.torch_threads:
@@ -131,6 +133,25 @@ def main() -> None:
         cpu = lambda u0, u1: (u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime) * 1e3 / len(coords)  # noqa: E731
         return {"tiles_per_s": len(coords) / wall, "cpu_ms_main": cpu(r0, r1), "cpu_ms_workers": max(0.0, cpu(c0, c1))}
 
+    import subprocess
+
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        variants = _measure_all(args, bare, bare_torch, stage, measure)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    result = {"benchmark": "input_path", "slide": Path(path).name, "reader": reader, "level": level,
+              "read_size": size, "tile_size": tile, "reads_per_pass": len(coords), "batch_size": args.batch_size,
+              "torch_threads": torch.get_num_threads(), "busy_processes": args.busy,
+              "encoder": "channel_stats (ToTensor+Normalize transform, per-channel mean/std)", "variants": variants}
+    if args.out:
+        write_result(args.out, result)
+
+
+def _measure_all(args, bare, bare_torch, stage, measure) -> list[dict]:
+    """Each ``--workers`` variant against both bare loops, ``--rounds`` alternating rounds."""
     cores = len(os.sched_getaffinity(0))
     med = statistics.median
     bare(), bare_torch(), stage(0)  # warm-up
@@ -162,12 +183,7 @@ def main() -> None:
               f"(ratio {v['ratio']:.2f}), bare torch {rate['bare_torch']:.0f} tiles/s (ratio "
               f"{v['ratio_vs_bare_torch']:.2f}); CPU ms/tile {cpu}; idle bound {v['idle_bound']:.2f} / "
               f"{v['idle_bound_vs_bare_torch']:.2f} (load {loads})", flush=True)
-    result = {"benchmark": "input_path", "slide": Path(path).name, "reader": reader, "level": level,
-              "read_size": size, "tile_size": tile, "reads_per_pass": len(coords), "batch_size": args.batch_size,
-              "torch_threads": torch.get_num_threads(),
-              "encoder": "channel_stats (ToTensor+Normalize transform, per-channel mean/std)", "variants": variants}
-    if args.out:
-        write_result(args.out, result)
+    return variants
 
 
 if __name__ == "__main__":

@@ -78,6 +78,8 @@ def _rows_input_path(d: dict) -> list[list[str]]:
         what = f"embedding stage, {w} reader worker(s), cheap encoder"
         if d.get("torch_threads"):
             what += f" (main process: {d['torch_threads']} torch thread(s))"
+        if d.get("busy_processes"):
+            what += f", with {d['busy_processes']} CPU-bound process(es) running beside it"
         if "ratio_vs_bare_torch" in v:  # results since the CPU-time columns were added
             cpu = v["cpu_ms_per_tile"]["stage"]
             what += (f"; vs a bare torch loop ({_fmt(v['bare_torch_tiles_per_s'])} tiles/s) "

@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "tiling": ("tiling.py", ["--size", "20000", "--max-tiles", "600"]),
     "resample": ("resample.py", []),
     "input_path": ("input_path.py", []),
+    "input_path_busy": ("input_path.py", ["--workers", "0", "--busy", "1"]),
     "tile_encoder": ("tile_encoder.py", []),
     "slide_encoder": ("slide_encoder.py", []),
     "whole_slide": ("whole_slide.py", []),
