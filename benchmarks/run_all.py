@@ -33,7 +33,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "resample": ("resample.py", []),
     "input_path": ("input_path.py", []),
     "input_path_busy": ("input_path.py", ["--workers", "0", "--busy", "1"]),
-    "tile_encoder": ("tile_encoder.py", []),
+    "tile_encoder": ("tile_encoder.py", ["--tiles", "96", "--repeats", "5"]),
     "slide_encoder": ("slide_encoder.py", []),
     "whole_slide": ("whole_slide.py", []),
     "finetune_cache": ("finetune_cache.py", []),
