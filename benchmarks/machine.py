@@ -41,6 +41,17 @@ def machine_info() -> dict:
     return info
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-set high-water mark (``VmHWM``) to its current RSS (Linux >= 4.0), so that a
+    later peak belongs to what ran after it; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def write_result(path: str | Path, result: dict) -> None:
     """Write ``result`` with ``machine`` (and the load average at the end) as indented JSON."""
     result = {**result, "machine": {**machine_info(), **result.get("machine", {})}}

@@ -57,7 +57,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from machine import load_average, write_result  # noqa: E402
+from machine import load_average, reset_peak_rss, write_result  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "data" / "CMU-1-Small-Region.svs"
 TILE_ENCODER = {"name": "dinov2-vits14", "weights": "random", "batch_size": 16}  # as examples/quickstart.yaml
@@ -70,16 +70,6 @@ BARE = {"tiling": "thumbnail + saturation + threshold_otsu",
 
 
 # ------------------------------------------------------------------ memory
-def reset_peak_rss() -> bool:
-    """Reset this process's resident-set high-water mark (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
