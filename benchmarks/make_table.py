@@ -29,8 +29,8 @@ HEADER = """# Benchmarks
 Each row compares gigapath with a bare reference measured **in the same process, alternating**, so the ratio
 holds on a loaded machine while absolute numbers do not. `load` is the 1-minute load average while it ran
 (more than the core count means other jobs competed for the CPUs: re-run on an idle machine before quoting
-absolute numbers). Targets are those of issue #16. Re-run a benchmark with its `--out benchmarks/results/...`
-and then `python benchmarks/make_table.py`.
+absolute numbers). Targets are those of issue #16. `python benchmarks/run_all.py` re-runs every benchmark one after
+another and regenerates this page (~35 min on an idle 2-core machine; `--only NAME` for one).
 
 | benchmark | what | gigapath | bare reference | ratio | target | machine | load |
 |---|---|---|---|---|---|---|---|
