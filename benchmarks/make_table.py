@@ -193,6 +193,16 @@ def _rows_slide_encoder(d: dict) -> list[list[str]]:
                 f"{r['gflops_per_s']['fused']:.0f} GFLOP/s = **{r['fraction_of_limit']['fused']:.0%} of the compute "
                 f"limit** (measured fp32 matmul rate {r['matmul_gflops']:.0f} GFLOP/s: {r['compute_limit_s']:.3g} s); "
                 f"peak RSS {rss['fused']:,.0f} MiB; {r['rounds']} round(s)")
+        alone = r.get("kernels_alone")
+        if alone:
+            lin, att = alone["linear"], alone["attention"]
+            what += (f"; its GEMMs and fused attention calls replayed alone: {alone['seconds']:.3g} s = "
+                     f"**{alone['fraction_of_forward']:.0%} of the forward** (GEMMs {lin['seconds']:.3g} s at "
+                     f"{lin['gflops_per_s']:.0f} GFLOP/s, {alone['linear_fraction_of_matmul_rate']:.0%} of the "
+                     f"matmul rate; attention {att['seconds']:.3g} s at {att['gflops_per_s']:.0f} GFLOP/s)")
+            if "math_over_kernels_alone" in r:
+                what += (f"; math kernel / kernels alone = {r['math_over_kernels_alone']:.2f}×, the most any "
+                         "code on these kernels can reach")
         ratio = f"{r['math_over_fused']:.2f}×" if "math_over_fused" in r else "—"
         rows.append([f"LongNet fp32, N = {r['n']:,}", what, f"{med['fused']:.3g} s", math, ratio,
                      "≥ 5× or at compute limit" if r["n"] >= 3000 else "—", None, _span(r.get("load_avg_1m", []))])

@@ -18,6 +18,11 @@ Each N runs in its own child process:
   and ``fraction_of_limit`` = (flops / median seconds) / best matmul rate: 1.0 means the whole forward runs at
   the speed of pure GEMMs. Rounds stop at ``--repeats`` or after the first round that ends past
   ``--round-budget`` seconds.
+  ``kernels_alone`` (up to ``--replay-max`` tiles): the fused forward's own GEMMs and fused attention calls, each
+  replayed alone on fresh tensors of the same shapes and strides after every round (``kernel_replay.py``);
+  ``fraction_of_forward`` = their summed time / the forward's median: how much of the forward is its matrix
+  products at the speed PyTorch's kernels reach alone, the rest being element-wise work. ``math_over_kernels_alone``
+  is the largest speed-up over the math path that any code doing these products with these kernels could reach.
 - ``bf16``: one forward in bf16 (the model cast to bfloat16) per N up to ``--bf16-max``: seconds, peak RSS.
 - ``stage``: the pipeline's slide-embedding stage (``run_slide_embedding``: read ``tile_embeddings.h5``,
   encode, write ``slide_embedding.h5``) on ``--stage-n`` tiles (default: the largest size), fp32.
@@ -27,7 +32,7 @@ Each N runs in its own child process:
 Usage::
 
     python benchmarks/slide_encoder.py [--sizes 1000 3000 10000 30000 70121] [--math-max 10000]
-                                       [--dense-max 10000] [--bf16-max 30000] [--repeats 3]
+                                       [--dense-max 10000] [--replay-max 70121] [--bf16-max 30000] [--repeats 3]
                                        [--round-budget 60] [--stage-n N] [--only fp32 ...]
                                        [--out benchmarks/results/slide_encoder.json]
 
@@ -50,6 +55,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from kernel_replay import KernelReplay  # noqa: E402
 from machine import machine_info, reset_peak_rss  # noqa: E402
 MIB = 1024 * 1024
 
@@ -209,6 +215,8 @@ def compare(spec: dict) -> dict:
             if m is not model:  # share the stacked q/k/v weight copies too (keyed by the shared tensors)
                 for a, b in zip(model.encoder.layers, m.encoder.layers):
                     b.self_attn._qkv_cache = a.self_attn._qkv_cache
+        set_backend(model, "auto")
+        replay = KernelReplay(model, x, c) if n <= spec.get("replay_max", 0) else None
         rates = [matmul_gflops()]
         rss_before = rss_mib()
         seconds: dict = {name: [] for name in paths}
@@ -224,6 +232,9 @@ def compare(spec: dict) -> dict:
                 peak[name] = max(peak.get(name, 0.0), hwm_mib())
                 assert torch.isfinite(out).all()
             rates.append(matmul_gflops())
+            if replay is not None:
+                set_backend(model, "auto")
+                replay.round()
             loads.append(round(os.getloadavg()[0], 2))
             if time.perf_counter() - t_start > spec["round_budget"]:
                 break
@@ -241,6 +252,13 @@ def compare(spec: dict) -> dict:
     for k in ("math", "dense"):
         if k in med:
             row[f"{k}_over_fused"] = round(med[k] / med["fused"], 3)
+    if replay is not None:
+        alone = replay.summary()
+        assert alone["flops"] == flops["fused"], (alone["flops"], flops["fused"])
+        row["kernels_alone"] = {**alone, "fraction_of_forward": round(alone["seconds"] / med["fused"], 3),
+                                "linear_fraction_of_matmul_rate": round(alone["linear"]["gflops_per_s"] / rate, 3)}
+        if "math" in med:
+            row["math_over_kernels_alone"] = round(med["math"] / alone["seconds"], 3)
     return row
 
 
@@ -280,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--math-max", type=int, default=10000,
                         help="largest N of the math (official maths) reference (0: none)")
     parser.add_argument("--dense-max", type=int, default=10000, help="largest N of the dense baseline (0: none)")
+    parser.add_argument("--replay-max", type=int, default=70121,
+                        help="largest N whose GEMM and attention calls are also replayed alone (0: none)")
     parser.add_argument("--bf16-max", type=int, default=30000, help="largest N measured in bf16 (0: none)")
     parser.add_argument("--repeats", type=int, default=3, help="most alternating rounds per N")
     parser.add_argument("--round-budget", type=float, default=60,
@@ -310,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["build"] = run_child({"kind": "build"}, args.timeout)
     if "fp32" in parts:
         result["forward_fp32"] = [run_child({"kind": "compare", "n": n, "math_max": args.math_max,
-                                             "dense_max": args.dense_max, "repeats": args.repeats,
+                                             "dense_max": args.dense_max, "replay_max": args.replay_max,
+                                             "repeats": args.repeats,
                                              "round_budget": args.round_budget}, args.timeout)
                                   for n in args.sizes]
         result["rss_fit"] = rss_fit(result["forward_fp32"])

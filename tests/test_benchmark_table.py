@@ -58,7 +58,12 @@ def test_slide_encoder_rows_show_the_math_ratio_and_the_fraction_of_the_compute_
            "compute_limit_s": 4.94, "median_seconds": {"fused": 5.5, "math": 13.3},
            "gflops_per_s": {"fused": 134.6, "math": 55.7}, "fraction_of_limit": {"fused": 0.897, "math": 0.371},
            "peak_rss_mib": {"fused": 1160.0, "math": 1290.0}, "math_over_fused": 2.418, "load_avg_1m": [0.4, 1.1]}
+    row["kernels_alone"] = {"seconds": 5.06, "fraction_of_forward": 0.92, "linear_fraction_of_matmul_rate": 0.9,
+                            "linear": {"seconds": 3.83, "gflops_per_s": 135.0},
+                            "attention": {"seconds": 1.23, "gflops_per_s": 110.0}}
+    row["math_over_kernels_alone"] = 2.63
     big = {**row, "n": 70121, "median_seconds": {"fused": 200.0}, "peak_rss_mib": {"fused": 3500.0}}
+    big.pop("kernels_alone")
     for k in ("math_over_fused",):
         big.pop(k)
     result = {"benchmark": "slide_encoder", "forward_fp32": [row, big, {"n": 90000, "error": "timed out"}],
@@ -71,6 +76,9 @@ def test_slide_encoder_rows_show_the_math_ratio_and_the_fraction_of_the_compute_
     assert rows[0][2:6] == ["5.5 s", "13.3 s (math kernel: the official maths; peak RSS 1,290 MiB)", "2.42×",
                             "≥ 5× or at compute limit"]
     assert "**90% of the compute limit**" in rows[0][1] and "matmul rate 150 GFLOP/s" in rows[0][1]
+    assert ("replayed alone: 5.06 s = **92% of the forward** (GEMMs 3.83 s at 135 GFLOP/s, 90% of the matmul "
+            "rate; attention 1.23 s at 110 GFLOP/s); math kernel / kernels alone = 2.63×") in rows[0][1]
+    assert "replayed alone" not in rows[1][1]
     assert rows[0][6:] == ["Test CPU, 2 cores", "0.4–1.1"]
     assert rows[1][3:5] == ["— (math kernel not run at this N)", "—"]
     assert "timed out" in rows[2][1]
