@@ -1,7 +1,8 @@
 """The per-slide unit of work, ``process_slide(config, slide) -> manifest row``, and the ``embed`` job.
 
-``process_slide`` depends only on its arguments (models are cached per process, keyed by the config), so an
-executor can map it over slides anywhere. Each stage's output carries a fingerprint of the config that made
+``process_slide`` depends only on its arguments (models are cached per process, keyed by the config, and each
+is built when a slide first needs it), so an executor can map it over slides anywhere. :func:`plan_slide` tells
+the caller, before any model is built, which slides are done and which models the others need. Each stage's output carries a fingerprint of the config that made
 it (the config, and the slide file's identity): a re-run reuses a stage output only if the fingerprint
 matches, and skips a slide whose ``status.json`` says ``ok`` for the same fingerprint, the same slide file and
 outputs that are all still there (:mod:`gigapath_core.markers`). Every filesystem action on a slide (lock,
