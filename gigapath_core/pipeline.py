@@ -2,10 +2,12 @@
 
 ``process_slide`` depends only on its arguments (models are cached per process, keyed by the config, and each
 is built when a slide first needs it), so an executor can map it over slides anywhere. :func:`plan_slide` tells
-the caller, before any model is built, which slides are done and which models the others need. Each stage's output carries a fingerprint of the config that made
-it (the config, and the slide file's identity): a re-run reuses a stage output only if the fingerprint
-matches, and skips a slide whose ``status.json`` says ``ok`` for the same fingerprint, the same slide file and
-outputs that are all still there (:mod:`gigapath_core.markers`). Every filesystem action on a slide (lock,
+the caller, before any model is built, which slides are done and which models the others need.
+
+Each stage's output carries a fingerprint of the config that made it (the config, and the slide file's
+identity): a re-run reuses a stage output only if the fingerprint matches, and skips a slide whose
+``status.json`` says ``ok`` for the same fingerprint, the same slide file and outputs that are all still there
+(:mod:`gigapath_core.markers`). Every filesystem action on a slide (lock,
 clearing old outputs, the marker) happens inside its failure boundary: a slide whose folder cannot be written
 fails alone.
 """
@@ -172,7 +174,8 @@ def _build_encoder(cfg: PipelineConfig, models: Models, stage: str) -> None:
         else:
             te, params = models.tile_encoder, cfg.slide_encoder.params
             width = te.embed_dim if te is not None else None
-            if width is None and cfg.tile_encoder is not None and width_param(cfg.slide_encoder.name, cfg.registry) not in params:
+            key = width_param(cfg.slide_encoder.name, cfg.registry)
+            if width is None and cfg.tile_encoder is not None and key not in params:
                 # API callers (load_pipeline_config fills it): the tile encoder's width without building it
                 width = tile_encoder_width(cfg.tile_encoder.name, cfg.tile_encoder.params, cfg.registry)
             se_params = fill_input_width(cfg.slide_encoder.name, params, width, registry=cfg.registry,

@@ -45,8 +45,8 @@ def _snapshot(slide_dir: Path) -> dict:
 
 @pytest.fixture
 def builds(monkeypatch):
-    """Counts ``api.build`` calls per model kind (and the tiler), and ``pipeline.get_models`` calls; each run starts with no model
-    cached, as a new process would."""
+    """Counts ``api.build`` calls per model kind (and the tiler), and ``pipeline.get_models`` calls; each run
+    starts with no model cached, as a new process would."""
     calls: Counter = Counter()
     build, get_models = api.build, pipeline.get_models
 
