@@ -75,7 +75,7 @@ def run_embed(raw: dict, base: Path, out: str | None, options: dict) -> int:
     import time
 
     from .executors import get_executor, map_until_done, parse_shard, shard_slides
-    from .pipeline import process_slide
+    from .pipeline import MODEL_STAGES, plan_slide, process_slide
     from .progress import console, make_progress
     from .store import rebuild_manifest, write_manifest
     from .weights import random_weights_said_elsewhere
@@ -106,24 +106,39 @@ def run_embed(raw: dict, base: Path, out: str | None, options: dict) -> int:
     rows: dict[str, dict] = {}
     done_here: dict[str, dict] = {}  # the rows this run produced
     try:
-        # builds and checks the models where slides will run, before any slide is touched
-        with random_weights_said_elsewhere():  # said once per model on the line below, not also as a warning
-            described = executor.describe_models(cfg)
+        # slides finished by an earlier run are skipped here; the models are built (and checked) where slides
+        # will run, before any slide is touched, for the stages that some slide left needs: none on a re-run
+        # where every slide is done
+        plans = {s.slide_id: plan_slide(cfg, s) for s in slides}
+        todo = [s for s in slides if plans[s.slide_id][0] is None]
+        needs = {stage for s in todo for stage in plans[s.slide_id][1]}
+        executor.check_device(cfg)
+        described = []
+        if todo:
+            with random_weights_said_elsewhere():  # said once per model on the line below, not also as a warning
+                described = executor.describe_models(cfg, [s for s in MODEL_STAGES if s in needs])
         for label, name, source in described:
             state = ("[bold red]RANDOM weights (not pretrained)[/]" if source == "random"
                      else "no weights (parameter-free)" if source == NO_WEIGHTS
                      else f"pretrained weights from {source}")
             console.print(f"{label}: [bold]{name}[/] with {state}")
+        for stage in MODEL_STAGES:
+            if getattr(cfg, stage) is not None and stage not in needs:
+                console.print(f"{stage.replace('_', ' ')}: [bold]{getattr(cfg, stage).name}[/] not loaded "
+                              f"(no slide left to process needs it)")
         if shard:
             console.print(f"shard {shard}: {len(slides)} of {len(all_slides)} slides")
         with output_errors(cfg.output):  # a full disk or a read-only folder: one clear line, exit 2, before any slide
             Path(cfg.output).mkdir(parents=True, exist_ok=True)
             rows = {r["slide_id"]: r for r in rebuild_manifest(cfg.output, ids, name=manifest_name)}
         failed, last_write = 0, time.monotonic()
+        for s in slides:  # finished by an earlier run: the row it wrote (this_run: skipped)
+            if plans[s.slide_id][0] is not None:
+                rows[s.slide_id] = done_here[s.slide_id] = plans[s.slide_id][0]
         with make_progress() as progress:
-            task = progress.add_task("slides", total=len(slides))
+            task = progress.add_task("slides", total=len(slides), completed=len(slides) - len(todo))
             tiles_task = progress.add_task("tiles", total=None,
-                                           visible=cfg.tile_encoder is not None and executor.in_process)
+                                           visible="tile_encoder" in needs and executor.in_process)
 
             def on_tiles(done: int, total: int) -> None:
                 progress.update(tiles_task, completed=done, total=total)
@@ -136,7 +151,7 @@ def run_embed(raw: dict, base: Path, out: str | None, options: dict) -> int:
                                   f"(e.g. {locked[0]}); their locks are checked every few seconds")
                 waiting.append(len(locked))
 
-            for row in map_until_done(executor, process_slide, cfg, slides, on_tiles=on_tiles, on_wait=on_wait):
+            for row in map_until_done(executor, process_slide, cfg, todo, on_tiles=on_tiles, on_wait=on_wait):
                 row.setdefault("this_run", "processed" if row["status"] == "ok" else row["status"])
                 rows[row["slide_id"]] = done_here[row["slide_id"]] = row
                 failed += row["status"] == "failed"

@@ -1,10 +1,13 @@
 """The per-slide unit of work, ``process_slide(config, slide) -> manifest row``, and the ``embed`` job.
 
-``process_slide`` depends only on its arguments (models are cached per process, keyed by the config), so an
-executor can map it over slides anywhere. Each stage's output carries a fingerprint of the config that made
-it (the config, and the slide file's identity): a re-run reuses a stage output only if the fingerprint
-matches, and skips a slide whose ``status.json`` says ``ok`` for the same fingerprint, the same slide file and
-outputs that are all still there (:mod:`gigapath_core.markers`). Every filesystem action on a slide (lock,
+``process_slide`` depends only on its arguments (models are cached per process, keyed by the config, and each
+is built when a slide first needs it), so an executor can map it over slides anywhere. :func:`plan_slide` tells
+the caller, before any model is built, which slides are done and which models the others need.
+
+Each stage's output carries a fingerprint of the config that made it (the config, and the slide file's
+identity): a re-run reuses a stage output only if the fingerprint matches, and skips a slide whose
+``status.json`` says ``ok`` for the same fingerprint, the same slide file and outputs that are all still there
+(:mod:`gigapath_core.markers`). Every filesystem action on a slide (lock,
 clearing old outputs, the marker) happens inside its failure boundary: a slide whose folder cannot be written
 fails alone.
 """
@@ -20,7 +23,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -69,8 +72,16 @@ def loader_workers(setting: int | str, device: torch.device) -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+#: the model stages of an ``embed`` config, in data-flow order (the tiler is always built: it is cheap)
+MODEL_STAGES = ("tile_encoder", "slide_encoder")
+
+
 @dataclass
 class Models:
+    """The tiler and encoders of one config in this process. An encoder is None when the config has no such
+    stage, or until :func:`get_models` is asked for it (a re-run that reuses every tile embedding never builds
+    the tile encoder)."""
+
     tiler: Any
     tile_encoder: Any
     slide_encoder: Any
@@ -121,55 +132,108 @@ def fingerprints(cfg: PipelineConfig, slide: SlideInput, identity: dict | None =
     return out
 
 
-def get_models(cfg: PipelineConfig) -> Models:
-    """Build (once per process) the tiler and models named by ``cfg``.
+def get_models(cfg: PipelineConfig, stages: Iterable[str] | None = None) -> Models:
+    """The tiler and the encoders of ``stages`` named by ``cfg``, each built once per process, when first asked for.
 
-    Raises ConfigError if the tile encoder's width does not match the slide encoder's input width.
+    Args:
+        stages: which of :data:`MODEL_STAGES` to build (None: every one the config has); stages the config lacks
+            are ignored, and encoders built by an earlier call stay.
+    Raises:
+        ConfigError: the tile encoder's width does not match the slide encoder's input width, or a bad device.
+        WeightsError: an encoder's weights cannot be loaded.
     """
     from .api import build
-    from .widths import fill_input_width, width_param
 
     key = json.dumps([cfg.tiler.model_dump(), _stage_dump(cfg.tile_encoder), _stage_dump(cfg.slide_encoder),
                       cfg.device, cfg.registry], sort_keys=True, default=str)
-    if key not in _MODELS:
+    models = _MODELS.get(key)
+    if models is None:
         device = resolve_device(cfg.device)
         tiler = build("tiler", cfg.tiler.name, registry=cfg.registry, **cfg.tiler.params)
-        te = se = None
-        # a fixed seed for any random initialisation, so every worker process of a run (pool, Ray actors)
-        # holds the same random weights; the caller's RNG state is left untouched
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            if cfg.tile_encoder:
-                te = build("tile_encoder", cfg.tile_encoder.name, weights=cfg.tile_encoder.weights,
-                           registry=cfg.registry, **cfg.tile_encoder.params).to(device)
-            if cfg.slide_encoder:
-                # the input width from the tile encoder (done by load_pipeline_config already; API callers)
-                se_params = fill_input_width(cfg.slide_encoder.name, cfg.slide_encoder.params,
-                                             te.embed_dim if te is not None else None, registry=cfg.registry,
-                                             weights=cfg.slide_encoder.weights)
-                se = build("slide_encoder", cfg.slide_encoder.name, weights=cfg.slide_encoder.weights,
-                           registry=cfg.registry, **se_params).to(device)
-            if te is not None and se is not None and te.embed_dim != se.in_dim:
-                key = width_param(cfg.slide_encoder.name, cfg.registry)
-                hint = f" (set its {key} to {te.embed_dim}, or leave it out)" if key else ""
-                raise ConfigError("slide_encoder.params",
-                                  f"the tile encoder gives {te.embed_dim}-d embeddings but the slide encoder "
-                                  f"{cfg.slide_encoder.name!r} takes {se.in_dim}-d{hint}")
         _MODELS.clear()  # one config per process at a time; free the previous models
-        _MODELS[key] = Models(tiler, te, se, device)
-    return _MODELS[key]
+        models = _MODELS[key] = Models(tiler, None, None, device)
+    for stage in MODEL_STAGES:
+        if (stages is None or stage in stages) and getattr(cfg, stage) is not None and getattr(models, stage) is None:
+            _build_encoder(cfg, models, stage)
+    return models
+
+
+def _build_encoder(cfg: PipelineConfig, models: Models, stage: str) -> None:
+    """Build ``stage``'s encoder into ``models``; checks the tile/slide widths once both are built."""
+    from .api import build
+    from .widths import fill_input_width, tile_encoder_width, width_param
+
+    # a fixed seed per encoder for any random initialisation, so every worker process of a run (pool, Ray
+    # actors) holds the same random weights whichever encoders it builds, in any order; the caller's RNG
+    # state is left untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if stage == "tile_encoder":
+            models.tile_encoder = build("tile_encoder", cfg.tile_encoder.name, weights=cfg.tile_encoder.weights,
+                                        registry=cfg.registry, **cfg.tile_encoder.params).to(models.device)
+        else:
+            te, params = models.tile_encoder, cfg.slide_encoder.params
+            width = te.embed_dim if te is not None else None
+            key = width_param(cfg.slide_encoder.name, cfg.registry)
+            if width is None and cfg.tile_encoder is not None and key not in params:
+                # API callers (load_pipeline_config fills it): the tile encoder's width without building it
+                width = tile_encoder_width(cfg.tile_encoder.name, cfg.tile_encoder.params, cfg.registry)
+            se_params = fill_input_width(cfg.slide_encoder.name, params, width, registry=cfg.registry,
+                                         weights=cfg.slide_encoder.weights)
+            models.slide_encoder = build("slide_encoder", cfg.slide_encoder.name, weights=cfg.slide_encoder.weights,
+                                         registry=cfg.registry, **se_params).to(models.device)
+    te, se = models.tile_encoder, models.slide_encoder
+    if te is not None and se is not None and te.embed_dim != se.in_dim:
+        models.tile_encoder = models.slide_encoder = None  # a later call meets the same error
+        key = width_param(cfg.slide_encoder.name, cfg.registry)
+        hint = f" (set its {key} to {te.embed_dim}, or leave it out)" if key else ""
+        raise ConfigError("slide_encoder.params",
+                          f"the tile encoder gives {te.embed_dim}-d embeddings but the slide encoder "
+                          f"{cfg.slide_encoder.name!r} takes {se.in_dim}-d{hint}")
 
 
 def _stage_ok(path: Path, fingerprint: str) -> bool:
     """A stage output can be reused: same config fingerprint and the current coordinate contract (an output
     of format version 1, written before issue #17, is redone)."""
+    return _reusable_attrs(path, fingerprint) is not None
+
+
+def _reusable_attrs(path: Path, fingerprint: str) -> dict | None:
+    """The root attributes of a stage output that can be reused (:func:`_stage_ok`), else None."""
     if not path.is_file():
-        return False
+        return None
     try:
-        attrs = read_h5_attrs(path)  # two attributes: the datasets (up to GBs of features) are not read
+        attrs = read_h5_attrs(path)  # the attributes only: the datasets (up to GBs of features) are not read
     except Exception:
-        return False
-    return attrs.get("fingerprint") == fingerprint and int(attrs.get("format_version", 1)) == FORMAT_VERSION
+        return None
+    ok = attrs.get("fingerprint") == fingerprint and int(attrs.get("format_version", 1)) == FORMAT_VERSION
+    return attrs if ok else None
+
+
+def plan_slide(cfg: PipelineConfig, slide: SlideInput) -> tuple[dict | None, frozenset[str]]:
+    """What a run has to do for ``slide``, judged from its folder without taking its lock (so without writing).
+
+    Returns:
+        ``(the skipped row, {})`` for a slide finished by an earlier run for this config (what
+        :func:`process_slide` would return), else ``(None, the model stages it needs)``: the slide encoder
+        (if configured), and the tile encoder unless its ``tile_embeddings.h5`` can be reused. A slide whose
+        file or folder cannot be read needs none (:func:`process_slide` fails it before any model). The
+        caller builds only the models some slide needs (``gigapath run`` builds none on a run where every
+        slide is done); :func:`process_slide` decides again under the lock and builds what it then needs.
+    """
+    try:
+        slide_dir = checked_slide_dir(cfg.output, slide.slide_id)
+        identity = input_identity(slide.path)
+        fp = fingerprints(cfg, slide, identity)
+        done, _ = _done_row(slide_dir, fp["slide_encoder"], identity)
+    except Exception:  # noqa: BLE001 - process_slide reports it, with the action named
+        return None, frozenset()
+    if done is not None:
+        return done, frozenset()
+    needs = {s for s in MODEL_STAGES if getattr(cfg, s) is not None}
+    if "tile_encoder" in needs and _stage_ok(slide_dir / EMBEDDINGS_FILE, fp["tile_encoder"]):
+        needs.discard("tile_encoder")
+    return None, frozenset(needs)
 
 
 def process_slide(cfg: PipelineConfig, slide: SlideInput, on_tiles: Callable[[int, int], None] | None = None) -> dict:
@@ -346,9 +410,12 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
     final_fp = fp["slide_encoder"]
     row: dict[str, Any] = {"slide_id": slide.slide_id, "slide_path": slide.path, "status": "failed", "reason": "",
                            "error_type": "", "n_tiles": "", "reader": "", "weights": "", "fingerprint": final_fp}
-    models = get_models(cfg)
     mpp = (slide.mpp, slide.mpp) if slide.mpp else None
     common = {"slide_id": slide.slide_id, "slide_path": slide.path, "gigapath_version": __version__}
+    # the models this slide needs, built here on first need (outside the slide's failure boundary: an error
+    # building a model concerns every slide); reused tile embeddings need no tile encoder
+    reused = None if cfg.inputs.features else _reusable_attrs(slide_dir / EMBEDDINGS_FILE, fp["tile_encoder"])
+    models = get_models(cfg, [s for s in MODEL_STAGES if not (s == "tile_encoder" and reused is not None)])
     if cfg.inputs.features:
         return _run_on_features(cfg, slide, slide_dir, fp, t_start, row, models, common)
     qc: list[PendingQC] = []  # the tiling stage's QC outputs, written while the later stages run
@@ -365,11 +432,13 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
         row["seconds_tiling"] = round(time.perf_counter() - t0, 3)
         if n == 0:
             row["reason"] = "zero tiles: no tile reaches the tissue occupancy threshold (or slide smaller than one tile)"
-        te = models.tile_encoder
-        if te is not None:
+        if cfg.tile_encoder is not None:
             t0 = time.perf_counter()
-            row["weights"] = f"tile_encoder={te.weights_source}"
-            if not _stage_ok(slide_dir / EMBEDDINGS_FILE, fp["tile_encoder"]):
+            if reused is not None:  # the weights that made these embeddings
+                row["weights"] = f"tile_encoder={reused.get('weights_source', '')}"
+            else:
+                te = models.tile_encoder
+                row["weights"] = f"tile_encoder={te.weights_source}"
                 ds = TileDataset(slide.path, row["reader"], models.tiler, tiles["coords"], int(tattrs["level"]),
                                  int(tattrs["read_size"]), int(tattrs["tile_size"]), te.transform)
                 done = [0]
@@ -399,9 +468,9 @@ def _run_stages(cfg: PipelineConfig, slide: SlideInput, slide_dir: Path, fp: dic
                                        "reader": row["reader"]},
                                       {k: tile_dattrs[k] for k in ("coords", "grid_coords")})
             row["seconds_tile_encoder"] = round(time.perf_counter() - t0, 3)
-        se = models.slide_encoder
-        if se is not None and n > 0:
+        if cfg.slide_encoder is not None and n > 0:
             t0 = time.perf_counter()
+            se = models.slide_encoder
             row["weights"] += f"; slide_encoder={se.weights_source}"
             run_slide_embedding(se, slide_dir, EMBEDDINGS_FILE, _slide_attrs(cfg, se, common, fp),
                                 device=models.device, precision=cfg.slide_encoder.precision)
@@ -458,4 +527,4 @@ def is_slide_error(row: dict) -> bool:
     return row.get("status") == "failed"
 
 
-__all__ = ["process_slide", "get_models", "resolve_device", "fingerprints", "SlideError"]
+__all__ = ["process_slide", "plan_slide", "get_models", "MODEL_STAGES", "resolve_device", "fingerprints", "SlideError"]

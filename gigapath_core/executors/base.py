@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -50,14 +50,24 @@ class Executor(abc.ABC):
     def map(self, fn: Callable[..., dict], config: Any, slides: list, **kwargs: Any) -> Iterator[dict]:
         """Yield one manifest row per slide. ``kwargs`` (e.g. ``on_tiles``) reach ``fn`` only in-process."""
 
-    def describe_models(self, config: Any) -> list[tuple[str, str, str]]:
+    def describe_models(self, config: Any, stages: Iterable[str] | None = None) -> list[tuple[str, str, str]]:
         """Build the models where slides will run; return ``(label, plugin name, weights source)`` rows.
 
+        Args:
+            stages: the model stages to build (:data:`gigapath_core.pipeline.MODEL_STAGES`; None = every one
+                the config has). A stage left out is built where a slide first needs it.
         Raises ConfigError before any slide is touched (bad params, tile/slide encoder width mismatch).
         """
         from ..pipeline import get_models
 
-        return models_summary(get_models(config))
+        return models_summary(get_models(config, stages), stages)
+
+    def check_device(self, config: Any) -> None:
+        """Raise ConfigError if ``config.device`` cannot be used where slides run, without building a model
+        (a run with nothing to do builds none). Default: checked in this process."""
+        from ..pipeline import resolve_device
+
+        resolve_device(config.device)
 
     def close(self) -> None:
         """Release workers."""
@@ -69,11 +79,14 @@ class Executor(abc.ABC):
         self.close()
 
 
-def models_summary(models) -> list[tuple[str, str, str]]:
-    """``Models`` -> ``[(label, plugin name, weights source)]`` for the encoders that are configured."""
+def models_summary(models, stages: Iterable[str] | None = None) -> list[tuple[str, str, str]]:
+    """``Models`` -> ``[(label, plugin name, weights source)]`` for the encoders of ``stages`` (None: all) that
+    are built."""
     rows = []
-    for label, m in (("tile encoder", models.tile_encoder), ("slide encoder", models.slide_encoder)):
-        if m is not None:
+    for stage in ("tile_encoder", "slide_encoder"):
+        m = getattr(models, stage)
+        label = stage.replace("_", " ")
+        if m is not None and (stages is None or stage in stages):
             rows.append((label, type(m).name, m.weights_source))
     return rows
 

@@ -16,7 +16,7 @@ import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import Field, StrictInt
 
@@ -40,10 +40,10 @@ def _init_worker(threads: int, parent_pid: int) -> None:
         logging.getLogger(name).addHandler(logging.NullHandler())
 
 
-def _build_models(config: Any) -> None:
+def _build_models(config: Any, stages: list[str] | None = None) -> None:
     from ..pipeline import get_models
 
-    get_models(config)
+    get_models(config, stages)
 
 
 class LocalExecutor(Executor):
@@ -134,14 +134,15 @@ class LocalExecutor(Executor):
             self.close()
             raise
 
-    def describe_models(self, config: Any) -> list[tuple[str, str, str]]:
+    def describe_models(self, config: Any, stages: Iterable[str] | None = None) -> list[tuple[str, str, str]]:
         # built in this process even with a pool: validates the config and fetches hub weights once, before
         # the workers start; then every pool worker builds its own copy before the first slide
-        summary = super().describe_models(config)
+        summary = super().describe_models(config, stages)
         if not self.in_process:
             if self._pool is None:
                 self._pool = self._new_pool()
-            for fut in [self._pool.submit(_build_models, config) for _ in range(self.workers)]:
+            stages = None if stages is None else list(stages)
+            for fut in [self._pool.submit(_build_models, config, stages) for _ in range(self.workers)]:
                 fut.result()
         return summary
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from pydantic import Field
 
@@ -58,11 +58,11 @@ class SlideWorker:
         torch.set_num_threads(max(1, int(num_cpus)))
         self.fn, self.config = fn, config
 
-    def describe(self) -> dict:
+    def describe(self, stages: list[str] | None = None) -> dict:
         from ..pipeline import get_models
 
         try:
-            return {"models": models_summary(get_models(self.config))}
+            return {"models": models_summary(get_models(self.config, stages), stages)}
         except GigapathError as err:
             return {"error": str(err), "config_error": isinstance(err, ConfigError)}
 
@@ -164,14 +164,18 @@ class RayExecutor(Executor):
         return self.ray.get([a.pid.remote() for a in self._actors])
 
     # -------------------------------------------------------------------------------------- map
-    def describe_models(self, config: Any) -> list[tuple[str, str, str]]:
+    def describe_models(self, config: Any, stages: Iterable[str] | None = None) -> list[tuple[str, str, str]]:
         from ..pipeline import process_slide
 
         self._ensure_pool(process_slide, config, n_slides=1 << 30)
-        info = self.ray.get(self._actors[0].describe.remote())
+        info = self.ray.get(self._actors[0].describe.remote(None if stages is None else list(stages)))
         if "error" in info:
             raise (ConfigError("", info["error"]) if info["config_error"] else GigapathError(info["error"]))
         return [tuple(r) for r in info["models"]]
+
+    def check_device(self, config: Any) -> None:
+        """Nothing to check here: the device is the actors' (whose GPUs this process may lack), checked when
+        they build a model."""
 
     def map(self, fn: Callable[..., dict], config: Any, slides: list, **kwargs: Any) -> Iterator[dict]:
         """Slides over the actor pool; see the module docstring. When Ray gives up on an actor, the slides it

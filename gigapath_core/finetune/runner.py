@@ -32,6 +32,7 @@ from ..evaluation.predictions import prediction_rows, read_predictions, to_array
 from ..progress import console
 from ..report import try_write_run_report
 from ..store import read_status, write_bytes, write_json, write_status
+from ..threads import torch_threads
 from .config import FinetuneConfig, load_finetune_config
 from .data import FinetuneData, SlideRecord, load_data, load_slide
 from .encoder_cache import FrozenEncoderCache, slide_key
@@ -221,9 +222,7 @@ def run_fold(cfg: FinetuneConfig, data: FinetuneData, splits: Splits, fold: int,
         core = getattr(m, "module", m)  # DDP wraps the model; the head's loss hook lives on the inner one
         return {"loss": core.training_loss(task.loss(m(feats, coords, cache_key=key), target), target)}
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cpu_threads(cfg.cpu_threads, model, device))
-    try:
+    with torch_threads(cpu_threads(cfg.cpu_threads, model, device)):
         trainer.fit(batches, step_fn)
         rows: list[dict] = []
         for split in ("test", "val"):
@@ -234,8 +233,6 @@ def run_fold(cfg: FinetuneConfig, data: FinetuneData, splits: Splits, fold: int,
             targets = [data.slides[s].target for s in ids]
             rows += prediction_rows(task.type, task.class_names, fold, split, ids,
                                     [data.slides[s].patient_id for s in ids], targets, probs)
-    finally:
-        torch.set_num_threads(threads)
     write_predictions(fold_dir / "predictions.csv", rows, task.type, task.class_names)
     models = {"slide_encoder": cfg.model.slide_encoder.name if cfg.model.slide_encoder else None,
               "slide_encoder_weights": getattr(model.slide_encoder, "weights_source", None),

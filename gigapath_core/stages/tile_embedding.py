@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..errors import NonFiniteError, ReaderWorkerDiedError, SlideError, SlideReadError, StageStalledError
 from ..kinds import TileEncoder
+from ..threads import torch_threads
 from ..watchdog import Watchdog, exit_with_parent
 from .tile_input import BatchNormalize, ReusedBuffer, split_transform
 from .worker_start import loader_context
@@ -151,20 +152,6 @@ def autocast_context(device: torch.device, precision: str):
 def use_channels_last(encoder: torch.nn.Module) -> bool:
     """Whether the encoder asks for channels-last memory format (``channels_last = True``: CNN trunks)."""
     return bool(getattr(encoder, "channels_last", False))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run the block with ``n`` torch intra-op threads, then restore the previous count."""
-    old = torch.get_num_threads()
-    if old == n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _next_batch(batches, in_process: bool):
