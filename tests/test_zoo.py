@@ -250,3 +250,16 @@ def test_zoo_ablation_example_validates(tmp_path):
     heads = {v.model.head.name for v in variants.values()}
     assert heads == {"abmil", "transmil", "clam_sb", "clam_mb"} and cfg.reference in variants
     assert {str(Path(v.output).parent) for v in variants.values()} == {str(tmp_path / "out" / "zoo" / "ablation")}
+
+
+
+def test_prov_gigapath_slide_encoder_card_counts_the_released_checkpoint(shared_data):
+    """The slide-encoder card's parameter count is the released slide_encoder.pth's (the sum of the shapes in
+    its key list, 86,330,880 in the paper's code), and the model the preset builds has exactly it."""
+    card = load_registry()["prov-gigapath"].slide_encoder
+    rows = [line.split("\t") for line in
+            (shared_data / "reference" / "gigapath_slide_enc12l768d_state_dict_keys.txt").read_text().splitlines()]
+    released = sum(int(np.prod([int(v) for v in shape.strip("()").split(",") if v.strip()])) for _, shape, _ in rows)
+    with torch.device("meta"):
+        enc = gp.build("slide_encoder", "prov-gigapath", weights="random")
+    assert card.params_count == released == sum(p.numel() for p in enc.parameters()) == 86_330_880
