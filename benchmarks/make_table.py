@@ -30,7 +30,7 @@ Each row compares gigapath with a bare reference measured **in the same process,
 holds on a loaded machine while absolute numbers do not. `load` is the 1-minute load average while it ran
 (more than the core count means other jobs competed for the CPUs: re-run on an idle machine before quoting
 absolute numbers). Targets are those of issue #16. `python benchmarks/run_all.py` re-runs every benchmark one after
-another and regenerates this page (~35 min on an idle 2-core machine; `--only NAME` for one).
+another and regenerates this page (~50 min on an idle 2-core machine; `--only NAME` for one).
 
 | benchmark | what | gigapath | bare reference | ratio | target | machine | load |
 |---|---|---|---|---|---|---|---|

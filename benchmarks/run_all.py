@@ -6,7 +6,7 @@ serially — never two at once, which would make each other's load — and then 
 
 Usage::
 
-    python benchmarks/run_all.py                      # all (about 35-45 min on an idle 2-core machine)
+    python benchmarks/run_all.py                      # all (about 45-55 min on an idle 2-core machine)
     python benchmarks/run_all.py --only tissue tiling # some
     python benchmarks/run_all.py --list               # what would run, with its command line
 
