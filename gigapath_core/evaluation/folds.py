@@ -107,7 +107,7 @@ def make_folds(slide_ids: Sequence[str], patient_ids: Sequence[str], strata: Seq
             n_train_patients = len(set(pids[train_idx]))
             if n_train_patients < n_inner:
                 raise ConfigError("folds.val_fraction", f"val_fraction {val_fraction} needs {n_inner} training "
-                                  f"patients per fold; fold {fold} has {n_train_patients}")
+                                  f"patients per fold; fold_{fold} has {n_train_patients}")
             inner_train, inner_val = _sgkf(n_inner, seed + 1000 + fold, y[train_idx], pids[train_idx])[0]
             val_idx, train_idx = train_idx[inner_val], train_idx[inner_train]
         folds.append({"train": sorted(sids[train_idx]), "val": sorted(sids[val_idx]), "test": sorted(sids[test_idx])})
@@ -126,11 +126,11 @@ def check_splits(splits: Splits, source: str = "folds") -> None:
         for split in SPLIT_NAMES:
             for sid in parts.get(split, []):
                 if sid in seen:
-                    raise ConfigError(source, f"fold {f}: slide {sid!r} is in both {seen[sid]} and {split}")
+                    raise ConfigError(source, f"fold_{f}: slide {sid!r} is in both {seen[sid]} and {split}")
                 seen[sid] = split
                 pid = splits.patients[sid]
                 if owner.setdefault(pid, split) != split:
-                    raise ConfigError(source, f"fold {f}: patient {pid!r} has slides in both {owner[pid]} and "
+                    raise ConfigError(source, f"fold_{f}: patient {pid!r} has slides in both {owner[pid]} and "
                                       f"{split} (folds must be grouped by patient)")
         tested.update(parts.get("test", []))
     for sid in splits.patients:
