@@ -67,11 +67,15 @@ def _first_train_slide(root: Path) -> str:
     return checked.splits.folds[0]["train"][0]
 
 
+def _line(line: str, root: Path) -> str:
+    return line.format(labels=root / "labels.csv", slide=_first_train_slide(root) if "{slide}" in line else "")
+
+
 @pytest.mark.parametrize("mistake, line", MISTAKES, ids=["num_classes", "label_column", "linear_head"])
 def test_a_config_error_writes_nothing_and_the_fixed_config_then_runs_there(tmp_path, capsys, mistake, line):
     cfg = _tiny(tmp_path)
     out = tmp_path / "out"
-    line = line.format(labels=tmp_path / "labels.csv", slide=_first_train_slide(tmp_path))
+    line = _line(line, tmp_path)
     code, err, _ = _cli(capsys, "run", str(cfg), "--set", mistake)
     assert (code, _errors(err)) == (2, [line])
     assert not out.exists()  # no folder, no config.yaml, splits.csv or fold_0/fingerprint.txt
@@ -86,7 +90,7 @@ def test_a_config_error_writes_nothing_and_the_fixed_config_then_runs_there(tmp_
 @pytest.mark.parametrize("mistake, line", MISTAKES, ids=["num_classes", "label_column", "linear_head"])
 def test_validate_reports_the_error_run_reports_with_exit_2(tmp_path, capsys, mistake, line):
     cfg = _tiny(tmp_path)
-    line = line.format(labels=tmp_path / "labels.csv", slide=_first_train_slide(tmp_path))
+    line = _line(line, tmp_path)
     code, err, printed = _cli(capsys, "validate", str(cfg), "--set", mistake)
     assert (code, _errors(err), printed) == (2, [line], "")  # no "config OK"
     assert not (tmp_path / "out").exists()
