@@ -2,10 +2,13 @@
 (keys, types, plugin and preset names, parameters, paths, inputs), and describe what a run would do, without
 running or writing anything (issue #12 item 4).
 
-The checks are the jobs' own config loaders (:func:`gigapath_core.config.load_pipeline_config`,
-:func:`gigapath_core.finetune.config.load_finetune_config`, ...), so ``validate`` accepts exactly the configs
-``run`` starts. Models are not built (weights are neither downloaded nor read); a slide file is only checked to
-exist (opening it is the run's first step, and a bad slide fails alone there).
+The checks are the jobs' own config loaders and pre-flights (:func:`gigapath_core.config.load_pipeline_config`,
+:func:`gigapath_core.finetune.preflight.prepare_finetune`, :func:`gigapath_core.finetune.ablation.prepare_ablation`,
+...), so ``validate`` accepts exactly the configs ``run`` starts and reports the errors ``run`` would report
+before its first write. Weights are neither downloaded nor read; a slide file is only checked to exist (opening
+it is the run's first step, and a bad slide fails alone there). ``finetune`` and ``ablation`` read the labels and
+the tile embeddings, make (or read) the folds, look at the output folder, and build the model with random
+weights for one forward pass on one slide, as their run does before writing anything.
 """
 
 from __future__ import annotations
@@ -44,24 +47,30 @@ def _plan_embed(raw: dict, base: Path, out: str | None) -> dict:
     return {"output": cfg.output, "inputs": f"{len(slides)} {what} (first: {slides[0].slide_id})".replace("1 slides", "1 slide"), "stages": stages}
 
 
-def _plan_finetune(raw: dict, base: Path, out: str | None) -> dict:
-    from .finetune.config import load_finetune_config
+def _folds(checked) -> str:
+    done = checked.splits.k - len(checked.todo)
+    return f"{checked.splits.k} folds" + (f" ({done} done by an earlier run)" if done else "")
 
-    cfg = load_finetune_config(raw, base, out)
+
+def _plan_finetune(raw: dict, base: Path, out: str | None) -> dict:
+    from .finetune.preflight import prepare_finetune
+
+    checked = prepare_finetune(raw, base, out)  # the run's own pre-flight
+    cfg, data = checked.cfg, checked.data
     n = _csv_rows(cfg.data.labels)
     stages = [s for s in (_stage("slide_encoder", cfg.model.slide_encoder), _stage("head", cfg.model.head)) if s]
-    return {"output": cfg.output, "inputs": f"{n} labelled rows in {cfg.data.labels}; embeddings "
-            f"{', '.join(cfg.data.embeddings)}", "stages": stages + [f"{cfg.folds.k} folds"]}
+    return {"output": cfg.output, "inputs": f"{n} labelled rows in {cfg.data.labels} ({len(data.slides)} slides "
+            f"used); embeddings {', '.join(cfg.data.embeddings)}", "stages": stages + [_folds(checked)]}
 
 
 def _plan_ablation(raw: dict, base: Path, out: str | None) -> dict:
-    from .finetune.ablation import load_ablation_config
+    from .finetune.ablation import prepare_ablation
 
-    cfg, variants = load_ablation_config(raw, base, out)
+    cfg, variants, checked = prepare_ablation(raw, base, out)  # the run's own pre-flight
     return {"output": cfg.output, "inputs": f"{len(variants)} variants of one finetune config",
             "stages": [f"variant {name}: " + ", ".join(s for s in (_stage("slide_encoder", v.model.slide_encoder),
                                                                     _stage("head", v.model.head)) if s)
-                       for name, v in variants.items()]}
+                       + f", {_folds(checked[name])}" for name, v in variants.items()]}
 
 
 def _plan_pretrain(raw: dict, base: Path, out: str | None) -> dict:

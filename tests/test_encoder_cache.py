@@ -65,12 +65,13 @@ def test_frozen_encoder_runs_once_per_slide_and_matches_the_uncached_run(tmp_pat
     n_tiles = _n_tiles(tmp_path)
     weights = _weights_file(tmp_path)
     assert gp.run(_cfg(tmp_path, "cached", weights)) == 0
-    # every slide is trained on in one fold and tested in the other, over 2 epochs: one encoder call each
-    assert sorted(longnet_calls) == sorted(n_tiles.values())
+    # the pre-flight's check forward (random weights, before anything is written), then: every slide is trained
+    # on in one fold and tested in the other, over 2 epochs: one encoder call each
+    assert len(longnet_calls) == 1 + 12 and sorted(longnet_calls[1:]) == sorted(n_tiles.values())
     longnet_calls.clear()
     assert gp.run(_cfg(tmp_path, "uncached", weights, encoder_cache_gb=0)) == 0
-    # per fold: the check forward, 2 epochs of its 6 training slides, 6 test slides
-    assert len(longnet_calls) == 2 * (1 + 2 * 6 + 6)
+    # the pre-flight's check forward; per fold: the check forward, 2 epochs of its 6 training slides, 6 test slides
+    assert len(longnet_calls) == 1 + 2 * (1 + 2 * 6 + 6)
     cached, uncached = _probs(tmp_path / "cached" / "predictions.csv"), _probs(tmp_path / "uncached" /
                                                                               "predictions.csv")
     assert cached.keys() == uncached.keys() and len(cached) == 12
@@ -83,9 +84,10 @@ def test_random_encoder_is_cached_per_fold_and_tile_subsets_are_not_cached(tmp_p
     assert gp.run(_cfg(tmp_path, "out", "random", **{"data.max_tiles": 3})) == 0
     # training steps see fresh 3-tile subsets: never cached (2 folds x 2 epochs x 6 training slides)
     assert longnet_calls.count(3) == 24
-    # whole slides per fold: the check forward and 6 test slides. The random encoder is re-drawn per fold, so
-    # fold 2 cannot reuse fold 1's outputs (with the weights left out of the key it would make 5 calls, not 7)
-    assert len(longnet_calls) - 24 == 2 * 7
+    # whole slides per fold: the check forward and 6 test slides (plus the pre-flight's one check). The random
+    # encoder is re-drawn per fold, so fold 2 cannot reuse fold 1's outputs (with the weights left out of the key
+    # it would make 5 calls, not 7)
+    assert len(longnet_calls) - 24 == 1 + 2 * 7
 
 
 def test_ablation_variants_share_the_frozen_encoder(tmp_path, longnet_calls):
@@ -98,6 +100,7 @@ def test_ablation_variants_share_the_frozen_encoder(tmp_path, longnet_calls):
            "variants": {"abmil": {}, "linear": {"model.head": {"name": "linear"}},
                         "noise": {"data.embeddings": str(tmp_path / "noise")}}}
     assert gp.run(cfg) == 0
-    # abmil and linear read the same features through the same encoder: 12 calls; noise has its own 12
-    assert len(longnet_calls) == 2 * 12
-    assert sorted(longnet_calls[:12]) == sorted(_n_tiles(tmp_path).values())
+    # every variant's pre-flight check first (3 calls, random weights); then abmil and linear read the same
+    # features through the same encoder: 12 calls; noise has its own 12
+    assert len(longnet_calls) == 3 + 2 * 12
+    assert sorted(longnet_calls[3:15]) == sorted(_n_tiles(tmp_path).values())

@@ -84,3 +84,11 @@ def test_reading_splits_with_a_slide_never_tested_fails(tmp_path):
 def test_too_few_patients_is_a_config_error():
     with pytest.raises(ConfigError, match="folds.k: 5 folds need at least 5 patients; the labels have 3"):
         make_folds(["a", "b", "c", "d"], ["p1", "p1", "p2", "p3"], [0, 0, 1, 1], k=5)
+
+
+def test_more_folds_than_slides_of_any_class_is_a_config_error():
+    """scikit-learn's StratifiedGroupKFold raises a bare ValueError here; the run says it on one line."""
+    slides = [f"s{i}" for i in range(6)]
+    with pytest.raises(ConfigError, match=r"^folds.k: 5 label-stratified parts need at least 5 slides of one "
+                                          r"class; the slides per class are 3, 3$"):
+        make_folds(slides, [f"p{i}" for i in range(6)], [0, 1] * 3, k=5)

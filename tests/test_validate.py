@@ -79,15 +79,23 @@ def test_save_tile_png_needs_a_tile_encoder(example_slide, tmp_path):
 
 
 def test_validate_other_jobs(tmp_path):
-    labels = tmp_path / "labels.csv"
-    labels.write_text("slide_id,patient_id,y\na,p1,0\nb,p2,1\n")
-    (tmp_path / "emb").mkdir()
-    raw = {"job": "finetune", "data": {"embeddings": [str(tmp_path / "emb")], "labels": str(labels),
-                                       "task": "binary", "label_columns": ["y"]},
-           "model": {"slide_encoder": None, "head": {"name": "abmil"}}}
+    from test_finetune import make_cohort
+
+    make_cohort(tmp_path, n_patients=5)  # 9 slides, the largest of each patient's used
+    raw = {"job": "finetune", "data": {"embeddings": [str(tmp_path / "emb")], "labels": str(tmp_path / "labels.csv"),
+                                       "task": "binary", "label_columns": ["label"]},
+           "folds": {"k": 2}, "model": {"slide_encoder": None, "head": {"name": "abmil"}}}
     plan = validate(raw, out=str(tmp_path / "ft"))
-    assert plan["job"] == "finetune" and plan["inputs"].startswith("2 labelled rows")
-    assert plan["stages"][-1] == "5 folds" and not (tmp_path / "ft").exists()
+    assert plan["job"] == "finetune" and plan["inputs"].startswith(
+        f"9 labelled rows in {tmp_path / 'labels.csv'} (5 slides used); embeddings")
+    assert plan["stages"] == ["head abmil", "2 folds"] and not (tmp_path / "ft").exists()
+    # 5 folds of 3 + 2 patients cannot be stratified: the run's error (it was a traceback), not "config OK"
+    with pytest.raises(ConfigError, match=r"^folds.k: 5 label-stratified parts need at least 5 slides"):
+        validate({**raw, "folds": {"k": 5}}, out=str(tmp_path / "ft"))
+    # labelled slides without tile embeddings: the run's own error, not "config OK"
+    (tmp_path / "labels.csv").write_text("slide_id,patient_id,label\na,p1,neg\nb,p2,pos\n")
+    with pytest.raises(ConfigError, match=r"^data.embeddings: no tile features of a "):
+        validate(raw, out=str(tmp_path / "ft"))
 
 
 def test_cli_logging_silences_pyvips_info():

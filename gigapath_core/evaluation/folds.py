@@ -59,9 +59,15 @@ def _check_inputs(slide_ids: Sequence[str], patient_ids: Sequence[str], strata: 
         raise ConfigError("data.labels", f"slide_id {dup[0]!r} appears {Counter(slide_ids)[dup[0]]} times")
 
 
-def _sgkf(n_splits: int, seed: int, y: np.ndarray, groups: np.ndarray):
+def _sgkf(n_splits: int, seed: int, y: np.ndarray, groups: np.ndarray, key: str = "folds.k"):
+    """scikit-learn's StratifiedGroupKFold splits. Raises ConfigError (``key``) where it cannot stratify: every
+    class has fewer slides than parts (scikit-learn's ValueError, said in our words)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
+    counts = Counter(y.tolist())
+    if all(c < n_splits for c in counts.values()):
+        raise ConfigError(key, f"{n_splits} label-stratified parts need at least {n_splits} slides of one class; "
+                          f"the slides per class are {', '.join(str(c) for _, c in sorted(counts.items()))}")
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -107,8 +113,9 @@ def make_folds(slide_ids: Sequence[str], patient_ids: Sequence[str], strata: Seq
             n_train_patients = len(set(pids[train_idx]))
             if n_train_patients < n_inner:
                 raise ConfigError("folds.val_fraction", f"val_fraction {val_fraction} needs {n_inner} training "
-                                  f"patients per fold; fold {fold} has {n_train_patients}")
-            inner_train, inner_val = _sgkf(n_inner, seed + 1000 + fold, y[train_idx], pids[train_idx])[0]
+                                  f"patients per fold; fold_{fold} has {n_train_patients}")
+            inner_train, inner_val = _sgkf(n_inner, seed + 1000 + fold, y[train_idx], pids[train_idx],
+                                            "folds.val_fraction")[0]
             val_idx, train_idx = train_idx[inner_val], train_idx[inner_train]
         folds.append({"train": sorted(sids[train_idx]), "val": sorted(sids[val_idx]), "test": sorted(sids[test_idx])})
     splits = Splits(folds, dict(zip(sids, pids)), k, seed, {"val_fraction": val_fraction})
@@ -126,11 +133,11 @@ def check_splits(splits: Splits, source: str = "folds") -> None:
         for split in SPLIT_NAMES:
             for sid in parts.get(split, []):
                 if sid in seen:
-                    raise ConfigError(source, f"fold {f}: slide {sid!r} is in both {seen[sid]} and {split}")
+                    raise ConfigError(source, f"fold_{f}: slide {sid!r} is in both {seen[sid]} and {split}")
                 seen[sid] = split
                 pid = splits.patients[sid]
                 if owner.setdefault(pid, split) != split:
-                    raise ConfigError(source, f"fold {f}: patient {pid!r} has slides in both {owner[pid]} and "
+                    raise ConfigError(source, f"fold_{f}: patient {pid!r} has slides in both {owner[pid]} and "
                                       f"{split} (folds must be grouped by patient)")
         tested.update(parts.get("test", []))
     for sid in splits.patients:

@@ -21,7 +21,7 @@ def _curves(task: str, class_names: Sequence[str], rows: list[dict]) -> list[tup
         out = []
         for fold in sorted({int(r["fold"]) for r in rows}):
             y, p = to_arrays([r for r in rows if int(r["fold"]) == fold], task, class_names)
-            out.append((f"fold {fold}", y, p))
+            out.append((f"fold_{fold}", y, p))  # as the fold folders
         return out
     y, p = to_arrays(rows, task, class_names)
     if task == "multiclass":

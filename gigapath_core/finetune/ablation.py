@@ -13,13 +13,16 @@ Config::
       mean:       {model.slide_encoder: {name: mean}, model.head: {name: linear}}
       other_tiles: {data.embeddings: ../out/ctranspath_embed}
 
-Every variant is validated before anything runs; the folds are made once (``OUT/splits.csv``) and shared.
+Every variant is validated and passes the finetune pre-flight (data, folds, output folder, model: the checks
+``gigapath validate`` runs, :func:`check_ablation`) before anything is written; the folds are made once
+(``OUT/splits.csv``) and shared.
 Each variant writes a full finetune output into ``OUT/<variant>/``; the comparison goes to ``OUT/ablation.md``,
 ``ablation.csv`` and ``ablation.json`` (one-sided Wilcoxon signed-rank p-values of reference vs each variant).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from pathlib import Path
@@ -28,12 +31,15 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ..config import Strict, load_raw, parse_model, resolve_output, set_key
-from ..errors import ConfigError
+from ..errors import ConfigError, ConfigErrors
+from ..evaluation.folds import write_splits
 from ..evaluation.tables import ablation_rows, print_table, to_csv, to_markdown
 from ..progress import console
 from ..report import try_write_run_report
 from ..store import write_bytes, write_json
 from .config import FinetuneConfig, absolutize_paths, load_finetune_config
+from .data import FinetuneData, load_data
+from .preflight import Checked, check_finetune, choose_splits
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -76,44 +82,86 @@ def load_ablation_config(raw: dict, base: Path, out: str | None = None
                 raise ConfigError(f"variants.{name}.{key}", "variants share the folds; set folds in the base config")
             set_key(raw_v, key, copy.deepcopy(value))
         raw_v = absolutize_paths(raw_v, base)  # paths in the overrides are relative to the ablation file
-        try:
+        with under_variant(name):
             variants[name] = load_finetune_config(raw_v, base, out=str(Path(cfg.output) / name))
-        except ConfigError as err:  # each problem keeps its own line, under the variant's key
-            from ..errors import ConfigErrors
-
-            raise ConfigErrors.of([ConfigError(f"variants.{name}", str(e))
-                                   for e in (err.errors if isinstance(err, ConfigErrors) else [err])]) from None
     return cfg, variants
 
 
-def run_ablation(raw: dict, base: Path, out: str | None, options: dict) -> int:
-    """``gigapath run`` entry point of ``job: ablation``. Returns 0."""
+@contextlib.contextmanager
+def under_variant(name: str):
+    """Re-raise a ConfigError under the variant's key: ``variants.<name>: <key path>: ...`` (each problem of a
+    ConfigErrors keeps its own line)."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigErrors.of([ConfigError(f"variants.{name}", str(e))
+                               for e in (err.errors if isinstance(err, ConfigErrors) else [err])]) from None
+
+
+def check_ablation(cfg: AblationConfig, variants: dict[str, FinetuneConfig]) -> dict[str, Checked]:
+    """The finetune pre-flight of every variant (:func:`.preflight.check_finetune`) on the shared folds, before
+    anything is written: the folds are made (or read) once, from the first variant's data, and every variant's
+    data is checked against them. Variants with the same ``data`` share one load of it.
+
+    Returns variant name -> Checked (its ``cfg`` has ``folds.splits`` set to the shared splits file, as the run
+    uses it). Raises ConfigError under ``variants.<name>``.
+    """
+    names = list(variants)
+    first = variants[names[0]]
+    shared = first.folds.splits or str(Path(cfg.output) / "splits.csv")
+    source = first.folds.splits or f"the shared folds (made from variant {names[0]!r}'s data)"
+    loaded: dict[str, FinetuneData] = {}
+    splits = None
+    checked: dict[str, Checked] = {}
+    for name, vcfg in variants.items():
+        with under_variant(name):
+            key = vcfg.data.model_dump_json()
+            if key not in loaded:
+                loaded[key] = load_data(vcfg.data)
+            if splits is None:  # the first variant's folds, made or read, are everyone's
+                splits = choose_splits(vcfg, loaded[key])
+            vcfg = vcfg.model_copy(update={"folds": vcfg.folds.model_copy(update={"splits": shared})})
+            checked[name] = check_finetune(vcfg, loaded[key], splits, source)
+    return checked
+
+
+def prepare_ablation(raw: dict, base: Path, out: str | None
+                     ) -> tuple[AblationConfig, dict[str, FinetuneConfig], dict[str, Checked]]:
+    """Load and check an ablation config and every variant (``gigapath run`` and ``gigapath validate``)."""
     cfg, variants = load_ablation_config(raw, base, out)
-    ablation(cfg, variants)
+    return cfg, variants, check_ablation(cfg, variants)
+
+
+def run_ablation(raw: dict, base: Path, out: str | None, options: dict) -> int:
+    """``gigapath run`` entry point of ``job: ablation``: the pre-flight of every variant (as ``gigapath
+    validate``), then the run. Returns 0."""
+    cfg, variants, checked = prepare_ablation(raw, base, out)
+    ablation(cfg, variants, checked)
     return 0
 
 
-def ablation(cfg: AblationConfig, variants: dict[str, FinetuneConfig]) -> dict[str, Any]:
-    """Run every variant on shared folds and write the comparison. Returns the ablation.json content."""
-    from .data import load_data
-    from .encoder_cache import FrozenEncoderCache
-    from .runner import finetune, prepare_splits
+def ablation(cfg: AblationConfig, variants: dict[str, FinetuneConfig],
+             checked: dict[str, Checked] | None = None) -> dict[str, Any]:
+    """Run every variant on shared folds and write the comparison. Returns the ablation.json content.
 
+    ``checked``: :func:`check_ablation`'s result (run here when None); nothing is written before it passes.
+    """
+    from .encoder_cache import FrozenEncoderCache
+    from .runner import finetune
+
+    checked = checked if checked is not None else check_ablation(cfg, variants)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    first = next(iter(variants.values()))
-    shared = first.folds.splits
-    if shared is None:
-        lead = first.model_copy(update={"output": str(out)})
-        prepare_splits(lead, load_data(lead.data))
-        shared = str(out / "splits.csv")
+    first = next(iter(checked.values()))
+    shared = first.cfg.folds.splits
+    if next(iter(variants.values())).folds.splits is None:  # made by the pre-flight: OUT/splits.csv, shared
+        write_splits(shared, first.splits)
     summaries, notes = {}, {}
     # one cache for every variant: a frozen encoder shared by variants runs once per slide (keys tell them apart)
     cache = FrozenEncoderCache(max_bytes=int(max(v.encoder_cache_gb for v in variants.values()) * (1 << 30)))
-    for i, (name, vcfg) in enumerate(variants.items()):
-        console.rule(f"variant {i + 1}/{len(variants)}: {name}")
-        vcfg = vcfg.model_copy(update={"folds": vcfg.folds.model_copy(update={"splits": shared})})
-        metrics = finetune(vcfg, encoder_cache=cache)
+    for i, (name, chk) in enumerate(checked.items()):
+        console.rule(f"variant {i + 1}/{len(checked)}: {name}")
+        metrics = finetune(chk.cfg, encoder_cache=cache, checked=chk)
         summaries[name] = metrics["summary"]
         notes[name] = metrics["notes"]
     header, rows, tests = ablation_rows(summaries, cfg.reference, cfg.metrics)

@@ -9,14 +9,15 @@ Output folder::
     OUT/metrics.json           per-fold metrics and mean ± s.e.m. over folds (test splits)
     OUT/results.md, results.csv, roc.png, pr.png
 
+Nothing is written before the pre-flight (:mod:`.preflight`, the checks ``gigapath validate`` runs) passes.
 Resumable: a fold whose ``status.json`` says ``ok`` for the same config fingerprint is not retrained; an
-interrupted fold continues from its last checkpoint (shared Trainer).
+interrupted fold continues from its last checkpoint (shared Trainer). ``fold_<k>/fingerprint.txt`` is written
+when the fold's training starts; another config's training in a fold folder is refused.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,117 +26,29 @@ import numpy as np
 import torch
 import yaml
 
-from ..errors import ConfigError
-from ..evaluation.folds import Splits, fold_sizes, make_folds, read_splits, splits_csv, write_splits
+from ..evaluation.folds import Splits, fold_sizes, write_splits
 from ..evaluation.metrics import compute_metrics
 from ..evaluation.predictions import prediction_rows, read_predictions, to_arrays, write_predictions
 from ..progress import console
 from ..report import try_write_run_report
 from ..store import read_status, write_bytes, write_json, write_status
 from ..threads import torch_threads
-from .config import FinetuneConfig, load_finetune_config
-from .data import FinetuneData, SlideRecord, load_data, load_slide
-from .encoder_cache import FrozenEncoderCache, slide_key
+from .build import build_model, check_forward, whole_slide_key
+from .config import FinetuneConfig
+from .data import FinetuneData, load_slide
+from .encoder_cache import FrozenEncoderCache
 from .model import SlideClassifier, layer_ids
+from .preflight import FOLD_MARKER, Checked, check_finetune, fold_done, prepare_finetune
 
 log = logging.getLogger("gigapath")
-FOLD_MARKER = "fingerprint.txt"
 
 
 def run_finetune(raw: dict, base: Path, out: str | None, options: dict) -> int:
-    """``gigapath run`` entry point of ``job: finetune``. Returns 0."""
-    cfg = load_finetune_config(raw, base, out)
-    finetune(cfg)
+    """``gigapath run`` entry point of ``job: finetune``: the pre-flight (as ``gigapath validate``), then the
+    run. Returns 0."""
+    checked = prepare_finetune(raw, base, out)
+    finetune(checked.cfg, checked=checked)
     return 0
-
-
-# ------------------------------------------------------------------------------------------------ folds
-def prepare_splits(cfg: FinetuneConfig, data: FinetuneData) -> Splits:
-    """Read ``folds.splits`` (checked against the data) or make patient-grouped stratified folds; either way
-    write ``OUT/splits.csv``.
-
-    Raises ConfigError if a reused splits file and the data disagree on slides or patients.
-    """
-    if cfg.folds.splits:
-        splits = read_splits(cfg.folds.splits)
-        have, want = set(splits.patients), set(data.slides)
-        for sid in sorted(have - want):
-            why = data.excluded.get(sid, "not in the labels CSV")
-            raise ConfigError("folds.splits", f"slide {sid!r} of {cfg.folds.splits} is not in the data ({why})")
-        for sid in sorted(want - have):
-            raise ConfigError("folds.splits",
-                              f"slide {sid!r} has labels and embeddings but is not in {cfg.folds.splits}")
-        for sid, pid in splits.patients.items():
-            if data.slides[sid].patient_id != pid:
-                raise ConfigError("folds.splits", f"slide {sid!r} belongs to patient {data.slides[sid].patient_id!r} "
-                                  f"in the labels but to {pid!r} in {cfg.folds.splits}")
-    else:
-        ids = data.ids()
-        splits = make_folds(ids, [data.slides[s].patient_id for s in ids],
-                            [data.task.stratum(data.slides[s].target) for s in ids],
-                            cfg.folds.k, cfg.folds.seed, cfg.folds.val_fraction)
-    write_splits(Path(cfg.output) / "splits.csv", splits)
-    return splits
-
-
-# ------------------------------------------------------------------------------------------------ model
-def build_model(cfg: FinetuneConfig, data: FinetuneData) -> SlideClassifier:
-    """Slide encoder (weights per config) + task head, with widths and output count filled in.
-
-    Raises ConfigError if a width set in the config disagrees with the data or the task.
-    """
-    from ..api import build, resolve
-    from ..widths import fill_input_width
-
-    se_cfg, head_cfg = cfg.model.slide_encoder, cfg.model.head
-    encoder = None
-    if se_cfg is not None:
-        params = fill_input_width(se_cfg.name, se_cfg.params, data.tile_dim, registry=cfg.registry,
-                                  weights=se_cfg.weights, key_path="model.slide_encoder",
-                                  source="the tile embeddings")
-        encoder = build("slide_encoder", se_cfg.name, weights=se_cfg.weights, registry=cfg.registry, **params)
-        if encoder.in_dim != data.tile_dim:
-            raise ConfigError("model.slide_encoder.params", f"the tile embeddings are {data.tile_dim}-d but the slide "
-                              f"encoder {se_cfg.name!r} takes {encoder.in_dim}-d")
-    width = encoder.embed_dim if encoder is not None else data.tile_dim
-    info, card = resolve("task_head", head_cfg.name, cfg.registry)
-    fields = info.cls.Params.model_fields
-    params = {**(card.params if card else {}), **head_cfg.params}
-    auto = {"in_dim": width, "num_classes": data.task.num_outputs}
-    for key, value in auto.items():
-        if key not in fields:
-            continue
-        if key in params and params[key] != value:
-            what = "the task's number of outputs" if key == "num_classes" else "the width of the head's input"
-            raise ConfigError(f"model.head.params.{key}", f"{params[key]} does not match {what} ({value}); "
-                              "leave it out to fill it in automatically")
-        params[key] = value
-    if params.get("shortcut") and "shortcut_dim" in fields and params.get("shortcut_dim") is None:
-        params["shortcut_dim"] = data.tile_dim
-    head = build("task_head", head_cfg.name, registry=cfg.registry, **params)
-    return SlideClassifier(encoder, head, freeze_encoder=bool(se_cfg and se_cfg.freeze),
-                           standardize_dim=data.tile_dim if cfg.model.standardize_features else None)
-
-
-def whole_slide_key(record: SlideRecord, max_tiles: int | None) -> str | None:
-    """The encoder-cache key of ``record`` if a load with ``max_tiles`` gives the whole slide, else None."""
-    if max_tiles is not None and record.n_tiles > max_tiles:
-        return None
-    return slide_key(record.path, record.read_options)
-
-
-def _check_forward(model: SlideClassifier, cfg: FinetuneConfig, data: FinetuneData, slide_id: str) -> None:
-    """One forward pass before training, so a head/encoder mismatch is a config error, not a crash mid-run."""
-    rec = data.slides[slide_id]
-    feats, coords = load_slide(rec, max_tiles=64, rng=np.random.default_rng(0))
-    try:
-        with torch.no_grad():
-            logits = model.eval()(feats, coords, cache_key=whole_slide_key(rec, 64))
-    except (ValueError, RuntimeError) as err:
-        raise ConfigError("model", f"the model cannot run on {slide_id}: {str(err).splitlines()[0]}") from None
-    if tuple(logits.shape) != (1, data.task.num_outputs):
-        raise ConfigError("model.head", f"the head gives logits of shape {tuple(logits.shape)}, the task needs "
-                          f"(1, {data.task.num_outputs})")
 
 
 @torch.inference_mode()
@@ -178,31 +91,28 @@ def run_fold(cfg: FinetuneConfig, data: FinetuneData, splits: Splits, fold: int,
     from ..training import Trainer, seed_everything
 
     fold_dir = Path(cfg.output) / f"fold_{fold}"
-    status = read_status(fold_dir)
-    if status and status.get("status") == "ok" and status.get("fingerprint") == fingerprint \
-            and (fold_dir / "predictions.csv").is_file():
-        console.print(f"fold {fold}: done by an earlier run, reusing {fold_dir / 'predictions.csv'}")
-        return {"rows": read_predictions(fold_dir / "predictions.csv"), "models": status.get("models", {})}
-    marker = fold_dir / FOLD_MARKER
-    if marker.is_file() and marker.read_text().strip() != fingerprint:
-        raise ConfigError("output", f"{fold_dir} holds a run with a different config or different folds; "
-                          "use another output folder (or delete that one)")
-    write_bytes(marker, (fingerprint + "\n").encode())
+    name = f"fold_{fold} ({fold + 1} of {splits.k})"  # named as its folder and `gigapath heatmap --fold`
+    if fold_done(fold_dir, fingerprint):  # also refuses a folder trained with another config
+        console.print(f"{name}: done by an earlier run, reusing {fold_dir / 'predictions.csv'}")
+        return {"rows": read_predictions(fold_dir / "predictions.csv"),
+                "models": (read_status(fold_dir) or {}).get("models", {})}
     parts = splits.folds[fold]
     train_ids, task = parts["train"], data.task
-    console.print(f"fold {fold + 1}/{splits.k}: {len(train_ids)} train, {len(parts['val'])} val, "
-                  f"{len(parts['test'])} test slides")
+    console.print(f"{name}: {len(train_ids)} train, {len(parts['val'])} val, {len(parts['test'])} test slides")
     seed = cfg.train.seed + fold
     seed_everything(seed)
     model = build_model(cfg, data)
     if model.standardizer is not None:
         model.standardizer.fit(load_slide(data.slides[s])[0][0] for s in train_ids)
     model.use_encoder_cache(encoder_cache)  # after the weights and the standardizer are final
-    _check_forward(model, cfg, data, train_ids[0])
+    check_forward(model, data, train_ids[0])
     layer_id, num_layers = layer_ids(model)
     tcfg = cfg.train.trainer_config(seed, len(train_ids))
     trainer = Trainer(model, tcfg, fold_dir, steps_per_epoch=len(train_ids), layer_id=layer_id, num_layers=num_layers)
     device = trainer.device
+    # the fold's folder is claimed only now that its training starts: a run stopped by an error before this
+    # point leaves nothing that locks the folder (see preflight.fold_done)
+    write_bytes(fold_dir / FOLD_MARKER, (fingerprint + "\n").encode())
 
     def load(epoch: int, i: int, j: int):
         """Micro-batch ``i`` of ``epoch``: training slide ``j``, its tile subset drawn from a generator keyed to
@@ -249,26 +159,29 @@ def run_fold(cfg: FinetuneConfig, data: FinetuneData, splits: Splits, fold: int,
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def finetune(cfg: FinetuneConfig, encoder_cache: FrozenEncoderCache | None = None) -> dict[str, Any]:
+def finetune(cfg: FinetuneConfig, encoder_cache: FrozenEncoderCache | None = None,
+             checked: Checked | None = None) -> dict[str, Any]:
     """Run every fold of a validated config and write the reports. Returns the metrics.json content.
 
     ``encoder_cache``: a frozen slide encoder's outputs shared with other runs (the ablation passes one to all
-    its variants); by default a new one of ``cfg.encoder_cache_gb``.
+    its variants); by default a new one of ``cfg.encoder_cache_gb``. ``checked``: the pre-flight's result for
+    ``cfg`` (:func:`.preflight.check_finetune`, run here when None). Nothing is written before it passes.
+
+    Raises ConfigError (from the pre-flight) before any file is written.
     """
     from .report import announce_provenance, write_report
 
+    checked = checked if checked is not None else check_finetune(cfg)
+    data, splits, fingerprint = checked.data, checked.splits, checked.fingerprint
+    announce_provenance(data)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_data(cfg.data)
-    announce_provenance(data)
-    splits = prepare_splits(cfg, data)
+    write_splits(out / "splits.csv", splits)
     write_bytes(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
-    labels_hash = hashlib.sha1(Path(cfg.data.labels).read_bytes()).hexdigest()[:12]
-    splits_hash = hashlib.sha1(splits_csv(splits).encode()).hexdigest()[:12]
-    fingerprint = f"{cfg.fingerprint()}-{labels_hash}-{splits_hash}"
     sizes = fold_sizes(splits)
     console.print(f"{len(data.slides)} slides of {len({r.patient_id for r in data.slides.values()})} patients, "
-                  f"task {data.task.type} {list(data.task.class_names)}, {splits.k} folds")
+                  f"task {data.task.type} {list(data.task.class_names)}, {splits.k} folds (fold_0 .. "
+                  f"fold_{splits.k - 1})")
     if encoder_cache is None:
         encoder_cache = FrozenEncoderCache(max_bytes=int(cfg.encoder_cache_gb * (1 << 30)))
     results = [run_fold(cfg, data, splits, f, fingerprint, encoder_cache) for f in range(splits.k)]

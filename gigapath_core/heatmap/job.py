@@ -94,8 +94,9 @@ def run_heatmaps(embed_dir: str | Path, out: str | Path | None = None, *, model:
         from .scores import load_finetune_models
 
         scorer = load_finetune_models(model, first.features.shape[1], folds)
-        console.print(f"heatmaps: {len(scorer.folds)} fold model(s) of {Path(model).resolve()} "
-                      f"({'mean over folds' if len(scorer.folds) > 1 else 'one fold'})")
+        names = ", ".join(f"fold_{f.fold}" for f in scorer.folds)  # as the folders and --fold name them
+        console.print(f"heatmaps: {len(scorer.folds)} fold model(s) of {Path(model).resolve()} ({names}"
+                      f"{', mean over folds' if len(scorer.folds) > 1 else ''})")
     else:
         from .scores import load_zeroshot_scorer
 

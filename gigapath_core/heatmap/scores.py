@@ -129,7 +129,7 @@ def check_attention_head(head) -> None:
 def load_finetune_models(run_dir: str | Path, tile_dim: int, folds: str | int | Sequence[int] = "all"
                          ) -> HeadEnsemble:
     """Rebuild the trained fold models of a ``finetune`` output folder (``config.yaml`` + ``fold_<k>/
-    checkpoints/step_*/model.safetensors``), as gigapath_core/finetune/runner.py builds them.
+    checkpoints/step_*/model.safetensors``), as gigapath_core/finetune/build.py builds them.
 
     Args:
         tile_dim: width D of the tile embeddings the models take.
@@ -143,7 +143,7 @@ def load_finetune_models(run_dir: str | Path, tile_dim: int, folds: str | int | 
 
     from ..config import parse_model
     from ..finetune.config import FinetuneConfig
-    from ..finetune.runner import build_model
+    from ..finetune.build import build_model
     from ..finetune.tasks import Task
     from ..training import latest_checkpoint
 
