@@ -64,13 +64,13 @@ def test_every_export_reads_back_with_the_runs_grid(run, fmt, rel):
     assert len(grid) > 4 and (grid % ts == 0).all()
     if ts == 128:  # odd cells exist: a 256 fallback could not reproduce them
         assert ((grid // 128) % 2 == 1).any()
-    tf = read_tile_features(out / "export" / fmt / rel.format(ts=ts, sid=SID))
-    assert tf.source_format == ("clam" if fmt == "clam" else fmt)
-    assert tf.tile_size == ts and tf.target_mpp == pytest.approx(0.5)
-    np.testing.assert_array_equal(tf.features, feats)
-    np.testing.assert_array_equal(tf.grid_coords, grid)
-    np.testing.assert_array_equal(tf.coords, level0)  # every export records the level-0 mpp (or coords)
-    assert tf.level0_mpp == pytest.approx(mpp, rel=1e-9)
+    for detect in (fmt, "auto"):
+        tf = read_tile_features(out / "export" / fmt / rel.format(ts=ts, sid=SID), fmt=detect)
+        assert tf.source_format == fmt and tf.tile_size == ts and tf.target_mpp == pytest.approx(0.5)
+        np.testing.assert_array_equal(tf.features, feats)
+        np.testing.assert_array_equal(tf.grid_coords, grid)
+        np.testing.assert_array_equal(tf.coords, level0)  # every export records the level-0 mpp (or coords)
+        assert tf.level0_mpp == pytest.approx(mpp, rel=1e-9)
 
 
 def test_anndata_export_keeps_both_units_and_the_tile_size(run):
@@ -94,8 +94,15 @@ def test_trident_job_folder_and_stamp_attributes_name_the_tile_size(run):
         assert f["coords"].attrs["patch_size"] == ts and f["coords"].attrs["target_magnification"] == 20
     root = read_h5(out / "export" / "stamp" / f"{SID}.h5")[1]
     assert root["tile_size_px"] == ts and root["tile_size_um"] == ts * 0.5
-    with h5py.File(out / "export" / "clam" / "h5_files" / f"{SID}.h5") as f:
+    clam = out / "export" / "clam" / "h5_files" / f"{SID}.h5"
+    with h5py.File(clam, "a") as f:
         assert f["coords"].attrs["tile_size"] == ts  # ours: CLAM's patch_size is the side read at patch_level
+        assert f["coords"].attrs["patch_size"] != ts  # ... the 0.2271 µm/px level-0 side: 564 or 282 px
+        del f["coords"].attrs["tile_size"]  # an export written before that attribute
+    for detect in ("clam", "trident"):  # CLAM's patch_size under TRIDENT's name must not be read as TRIDENT's
+        tf = read_tile_features(clam, fmt=detect)
+        assert tf.tile_size == ts
+        np.testing.assert_array_equal(tf.grid_coords, embeddings(out / SID)[2])
 
 
 def test_other_tools_files_give_their_own_tile_size():

@@ -208,10 +208,12 @@ def file_grid(fmt: str, root: dict, cattrs: dict, tile_size: int | None, target_
     - ``tile_size``: ours, the ``tile_size`` attribute on ``coords`` (CLAM and prov-gigapath exports); else the
       tile side in µm over ``target_mpp``, the side taken from
       TRIDENT ``coords.attrs['patch_size']`` px at ``10 / target_magnification`` µm/px (mahmoodlab/TRIDENT
-      ``trident/IO.py`` ``coords_to_h5``; at the ``target_mpp`` attribute when we wrote the file),
+      ``trident/IO.py`` ``coords_to_h5``; at the ``target_mpp`` attribute when we wrote the file; only beside
+      ``target_magnification``: our CLAM export, detected as TRIDENT by its ``patch_size_level0``, holds CLAM's
+      ``patch_size``),
       STAMP root ``tile_size_um`` (KatherLab/STAMP ``src/stamp/preprocessing/__init__.py`` ``extract_``; its
       ``tile_size_px`` is the size the extractor was fed, not the grid),
-      or, in our CLAM export, ``tile_size_level0`` x ``level0_mpp`` (CLAM's own ``patch_size`` is the side read
+      or, in files we wrote, ``tile_size_level0`` x ``level0_mpp`` (CLAM exports before ``tile_size``; CLAM's own ``patch_size`` is the side read
       at ``patch_level``, mahmoodlab/CLAM ``wsi_core/WholeSlideImage.py`` ``process_contour``, and carries no
       µm: a CLAM file records no grid); else the caller's ``tile_size``, else 256.
 
@@ -223,15 +225,13 @@ def file_grid(fmt: str, root: dict, cattrs: dict, tile_size: int | None, target_
     ours = _num(cattrs.get("tile_size")) if recorded_target else None
     if ours:
         return int(round(ours)), target_mpp
-    side_um = None
-    if fmt == "trident" and _num(cattrs.get("patch_size")):
-        tile_mpp = recorded_target or (units.magnification_to_mpp(_num(cattrs.get("target_magnification")))
-                                       if _num(cattrs.get("target_magnification")) else None)
-        side_um = _num(cattrs["patch_size"]) * tile_mpp if tile_mpp else None
+    side_um, target_mag = None, _num(cattrs.get("target_magnification"))
+    if fmt == "trident" and _num(cattrs.get("patch_size")) and target_mag:  # CLAM's patch_size comes without it
+        side_um = _num(cattrs["patch_size"]) * (recorded_target or units.magnification_to_mpp(target_mag))
     elif fmt == "stamp":
         side_um = _stamp_side_um(root)
-    elif fmt == "clam" and recorded_target and _num(cattrs.get("tile_size_level0")) and _num(cattrs.get("level0_mpp")):
-        side_um = _num(cattrs["tile_size_level0"]) * _num(cattrs["level0_mpp"])
+    elif recorded_target and _num(cattrs.get("tile_size_level0")) and _num(cattrs.get("level0_mpp")):
+        side_um = _num(cattrs["tile_size_level0"]) * _num(cattrs["level0_mpp"])  # ours, e.g. an older CLAM export
     if side_um is None:
         return int(tile_size or units.TILE_SIZE), target_mpp
     side = side_um / target_mpp
