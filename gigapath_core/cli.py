@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import GigapathError
 
@@ -165,9 +166,13 @@ def cmd_heatmap(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .errors import ConfigError
     from .report import write_run_report
 
-    print(write_run_report(args.out_dir))
+    out_dir = Path(args.out_dir)
+    if not out_dir.is_dir():  # the user's path: one plain line, no traceback hint (main's OSError branch adds one)
+        raise ConfigError("OUT_DIR", f"{'not a folder' if out_dir.exists() else 'no such folder'}: {out_dir}")
+    print(write_run_report(out_dir))
     return 0
 
 
@@ -225,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dest", help="output folder (default: OUT/export/<format>)")
     ex.add_argument("--cohort", action="store_true", help="anndata: one cohort.h5ad instead of one file per slide")
     ex.add_argument("--encoder", help="tile-encoder name for TRIDENT features_<encoder>/ and STAMP 'extractor' "
-                                      "(default: gigapath for the Prov-GigaPath tile encoder, else the plugin name)")
+                                      "(default: gigapath for the Prov-GigaPath tile encoder with its released "
+                                      "weights, else the tile_encoder name the run was configured with: the preset "
+                                      "name if it used one, e.g. dinov2-vits14, else the plugin name, e.g. "
+                                      "dinov2_vit)")
     ex.set_defaults(func=cmd_export)
 
     h = sub.add_parser("heatmap", help="attention/score heatmaps, top-k tile montages, QuPath GeoJSON and raw "

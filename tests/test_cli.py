@@ -148,3 +148,14 @@ def test_card_embed_dim_is_checked_at_build(tmp_path):
     with pytest.raises(ConfigError, match=r"^tile_encoder\.name: preset 'liar' declares embed_dim 999 but its "
                                           r"tile_encoder \(dinov2_vit\) produces 384-d embeddings"):
         gp.build("tile_encoder", "liar", registry=[reg], weights="random")
+
+
+def test_a_missing_report_folder_is_one_plain_line(tmp_path, capsys):
+    """A path the user typed wrong gets no traceback hint (that is for internal errors, test_hostile_configs)."""
+    from gigapath_core.cli import main
+
+    assert main(["report", str(tmp_path / "nonexist")]) == 2
+    assert capsys.readouterr().err == f"gigapath: error: OUT_DIR: no such folder: {tmp_path / 'nonexist'}\n"
+    (tmp_path / "file").write_text("x")
+    assert main(["report", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err == f"gigapath: error: OUT_DIR: not a folder: {tmp_path / 'file'}\n"

@@ -308,3 +308,37 @@ def test_both_tile_embedding_layouts_read_the_same(runs, tmp_path):
     np.testing.assert_array_equal(v2.grid_coords, v1.grid_coords)
     assert not np.array_equal(v1.coords, v1.grid_coords)  # the two systems differ on a 0.2271 µm/px slide
     np.testing.assert_allclose(v1.grid_coords, v1.coords * v1.mpp[0] / 0.5, atol=1.5)
+
+
+def test_a_model_trained_on_another_tile_size_is_named_in_a_warning(runs, tmp_path, caplog):
+    """The finetune cohort's tiles are 256 px (test_finetune.make_cohort), the embed run's 128 px: the heatmap
+    still draws, with one warning naming both sizes; the grid comes from metrics.json, or for an older finetune
+    output (no record) from its training embeddings, else it is unknown (no warning)."""
+    import shutil
+
+    import yaml
+
+    from gigapath_core.heatmap.trained_grid import grid_mismatch, trained_grid
+
+    models = json.loads((runs["ft"] / "metrics.json").read_text())["models"]
+    assert models["tile_size"] == [256] and models["target_mpp"] == [0.5]
+    with caplog.at_level("WARNING", logger="gigapath"):
+        index = run_heatmaps(runs["embed"], tmp_path / "m", model=runs["ft"], size=128, top_k=0)
+    assert index["slides"]["OS-2-ndpi"]["status"] == "ok"
+    warned = [r.getMessage() for r in caplog.records if "trained on" in r.getMessage()]
+    assert len(warned) == 1
+    assert f"was trained on 256-px tiles, but {runs['embed']} has 128-px tiles (both at 0.5 µm/px)" in warned[0]
+    old = tmp_path / "old"  # a finetune output written before the record: grid from the training embeddings
+    old.mkdir()
+    shutil.copy(runs["ft"] / "config.yaml", old / "config.yaml")
+    metrics = json.loads((runs["ft"] / "metrics.json").read_text())
+    del metrics["models"]["tile_size"], metrics["models"]["target_mpp"]
+    (old / "metrics.json").write_text(json.dumps(metrics))
+    assert trained_grid(old)[0] == {"tile_size": [256], "target_mpp": [0.5]}
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    cfg["data"]["embeddings"] = [str(tmp_path / "gone")]
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert trained_grid(old) is None
+    assert grid_mismatch({"tile_size": [128], "target_mpp": [0.5]}, 128, 0.5) is None
+    assert grid_mismatch({"tile_size": [256], "target_mpp": [0.5]}, 256, 1.0, "R") == (
+        "trained on 256-px tiles at 0.5 µm/px, but R has 256-px tiles at 1 µm/px")

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from ..errors import ConfigError, SlideError
 from ..store import write_json
 from . import clam, h5ad, provgigapath, stamp, trident
-from ._source import SlideFeatures, list_slides, read_slide
+from ._source import SlideFeatures, list_slides, other_job_output, read_slide
 
 log = logging.getLogger("gigapath")
 
@@ -78,10 +78,12 @@ def export_run(out: str | Path, fmt: str, dest: str | Path | None = None, *, coh
         dest: output folder; default ``out/export/<fmt>``.
         cohort: anndata only: one ``cohort.h5ad`` for all slides instead of one file per slide.
         encoder: tile-encoder name for TRIDENT's ``features_<encoder>`` folder and STAMP's ``extractor``
-            (default: the ecosystem's name of a known model, e.g. ``gigapath``, else our plugin name).
+            (default :func:`._write.encoder_name`: ``gigapath`` for the Prov-GigaPath tile encoder with its
+            released weights, else the run's recorded tile-encoder name: the preset name if the run used one,
+            ``dinov2-vits14``, else the plugin name, ``dinov2_vit``).
     Raises:
-        ConfigError: unknown format, ``cohort`` with another format, ``encoder`` not a plain name, ``out`` not a
-            run folder, or anndata missing.
+        ConfigError: unknown format, ``cohort`` with another format, ``encoder`` not a plain name, ``out`` missing,
+            not a run folder or another job's output (a finetune folder; nothing is written), or anndata missing.
     """
     if fmt not in FORMATS:
         raise ConfigError("export.format", f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -93,12 +95,18 @@ def export_run(out: str | Path, fmt: str, dest: str | Path | None = None, *, coh
     out = Path(out)
     if not out.is_dir():
         raise ConfigError("export.out", f"{out}: no such run folder")
+    job = other_job_output(out)
+    if job is not None:
+        raise ConfigError("export.out", f"{out} is not an embed run folder (no manifest.csv; it looks like a {job} "
+                                        "output); give the embed run's output folder")
     ok, others = list_slides(out)
     if not ok and not others:
         raise ConfigError("export.out", f"{out}: not a run folder (no manifest.csv and no <slide_id>/status.json)")
     if fmt == "anndata":
         h5ad.import_anndata()
     res = ExportResult(fmt, Path(dest) if dest is not None else out / "export" / fmt)
+    if res.dest.exists() and not res.dest.is_dir():
+        raise ConfigError("export.dest", f"{res.dest} exists and is not a folder")
     res.not_exported.extend(others)
     parts: list[tuple[SlideFeatures, Any]] = []
     for sid in ok:

@@ -180,6 +180,33 @@ def _level0_mpp(tattrs: dict, tf) -> tuple[float, float] | None:
     return None if tf.level0_mpp is None else (float(tf.level0_mpp), float(tf.level0_mpp))
 
 
+#: files another job writes at the top of its output folder -> that job (finetune/runner.py, ablation.py, heatmap)
+OTHER_OUTPUTS = (("metrics.json", "finetune"), ("ablation.json", "ablation"), ("heatmaps.json", "heatmap"))
+
+
+def other_job_output(out: str | Path) -> str | None:
+    """The job whose output folder ``out`` looks like, when it is not an embed run folder, else None.
+
+    An embed run folder has ``manifest.csv`` (or the ``manifest-shard-K-of-N.csv`` of a sharded run still under
+    way); without one, ``config.yaml``'s ``job`` (finetune writes it) or one of :data:`OTHER_OUTPUTS` names the
+    job, e.g. ``finetune`` for a folder of ``fold_<k>/status.json`` that must not be taken for slides.
+    """
+    out = Path(out)
+    if (out / "manifest.csv").is_file() or any(out.glob("manifest-shard-*.csv")):
+        return None
+    cfg = out / "config.yaml"
+    if cfg.is_file():
+        import yaml
+
+        try:
+            job = (yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}).get("job")
+        except (yaml.YAMLError, OSError, UnicodeDecodeError, AttributeError):
+            job = None
+        if isinstance(job, str) and job and job != "embed":
+            return job
+    return next((job for name, job in OTHER_OUTPUTS if (out / name).is_file()), None)
+
+
 def list_slides(out: str | Path) -> tuple[list[str], list[dict[str, str]]]:
     """Slides of run folder ``out``: (ids with status ok, rows of the others with ``slide_id``/``status``/``reason``).
 

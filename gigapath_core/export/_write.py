@@ -44,17 +44,23 @@ def provenance(sf: SlideFeatures, fmt: str) -> dict[str, Any]:
             "tile_encoder": sf.tile_encoder, "weights_source": sf.weights_source}
 
 
-#: our (tile_encoder plugin, weights source substring) -> the name TRIDENT's ``enc_name`` and STAMP's
-#: ``ExtractorName`` use (trident/patch_encoder_models/load.py; stamp/preprocessing/config.py), so that their
-#: slide encoders accept the features (TRIDENT looks for ``features_gigapath/``, STAMP checks ``extractor``).
-_ECOSYSTEM_NAMES = [("dinov2_vit", "prov-gigapath", "gigapath"), ("ctranspath", "", "ctranspath")]
+#: our (recorded tile_encoder name: plugin or preset, weights source substring) -> the name TRIDENT's
+#: ``enc_name`` and STAMP's ``ExtractorName`` use (trident/patch_encoder_models/load.py;
+#: stamp/preprocessing/config.py), so that their slide encoders accept the features (TRIDENT looks for
+#: ``features_gigapath/``, STAMP checks ``extractor``).
+_ECOSYSTEM_NAMES = [("dinov2_vit", "prov-gigapath", "gigapath"), ("prov-gigapath", "prov-gigapath", "gigapath"),
+                    ("ctranspath", "", "ctranspath")]
 
 
 def encoder_name(sf: SlideFeatures, override: str | None = None) -> str:
     """Tile-encoder name for folder names and ``extractor``/``encoder`` attributes.
 
-    ``override`` wins; else the ecosystem's name of a known model (Prov-GigaPath tile encoder -> ``gigapath``);
-    else our plugin name (``dinov2_vit``), or ``unknown``.
+    ``override`` wins; else the ecosystem's name of a known model (the Prov-GigaPath tile encoder with its
+    released weights, as plugin ``dinov2_vit`` or preset ``prov-gigapath`` -> ``gigapath``); else the name the
+    run recorded for its tile encoder (root attribute ``tile_encoder`` of ``tile_embeddings.h5`` = the config's
+    ``tile_encoder.name``: the preset name when the run used a preset, ``dinov2-vits14``, else the plugin name,
+    ``dinov2_vit``); else ``extractor``/``encoder`` of the feature file an embed run on existing features read;
+    else ``unknown``.
     """
     if override:
         return override

@@ -17,7 +17,9 @@ As CLAM writes and reads them:
   the feature tensor); dataset_modules/dataset_generic.py ``Generic_MIL_Dataset.__getitem__`` loads
   ``<data_dir>/pt_files/<slide_id>.pt`` or ``<data_dir>/h5_files/<slide_id>.h5`` (``features``, ``coords``).
 
-The ``h5_files`` coords carry the same CLAM attributes plus ours (``level0_mpp``, ``target_mpp``, ``unit``).
+The ``h5_files`` coords carry the same CLAM attributes plus ours (``level0_mpp``, ``target_mpp``, ``tile_size`` =
+the grid cell side in px at ``target_mpp``, ``tile_size_level0``, ``unit``): CLAM records no grid, so our reader
+(:func:`gigapath_core.interop.read_tile_features`) takes the run's tile size from them.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def coords_attrs(sf: SlideFeatures, save_path: str) -> dict:
         wl, hl = dims[level]
         attrs.update(downsample=(w0 / wl, h0 / hl), downsampled_level_dim=(int(wl), int(hl)),
                      level_dim=(int(wl), int(hl)))
-    attrs.update(level0_mpp=float(sf.need_mpp()[0]), target_mpp=float(sf.target_mpp),
+    attrs.update(level0_mpp=float(sf.need_mpp()[0]), target_mpp=float(sf.target_mpp), tile_size=int(sf.tile_size),
                  patch_size_level0=level0_patch_size(sf), tile_size_level0=float(sf.tile_size_level0),
                  unit="level-0 px")
     return attrs

@@ -51,6 +51,9 @@ class FinetuneData:
         tile_dim: width D of the tile embeddings.
         provenance: tile encoder name(s) and weights source(s) found in the h5 attributes.
         excluded: slide_id -> reason (missing embeddings, zero tiles, not the patient's largest slide).
+        grid: the tile grid(s) the embeddings were cut on: ``tile_size`` (px) and ``target_mpp`` (µm/px), each a
+            sorted list of the values found (one value each when every slide was tiled alike); recorded in
+            ``metrics.json`` ``models`` so that ``gigapath heatmap --model`` can check a run against them.
     """
 
     task: Task
@@ -58,6 +61,7 @@ class FinetuneData:
     tile_dim: int
     provenance: dict[str, list[str]] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
+    grid: dict[str, list] = field(default_factory=dict)
 
     def ids(self) -> list[str]:
         return sorted(self.slides)
@@ -112,6 +116,7 @@ def load_data(cfg: DataConfig) -> FinetuneData:
     seen: set[str] = set()
     widths: dict[int, str] = {}
     provenance: dict[str, set[str]] = {"tile_encoder": set(), "weights_source": set()}
+    grid: dict[str, set] = {"tile_size": set(), "target_mpp": set()}
     for i, row in enumerate(rows):
         where = f"{cfg.labels} row {i + 2}"
         sid, pid = (row.get("slide_id") or "").strip(), (row.get("patient_id") or "").strip()
@@ -138,6 +143,8 @@ def load_data(cfg: DataConfig) -> FinetuneData:
         widths.setdefault(d, sid)
         for k, v in _provenance(tf).items():
             provenance[k].add(v)
+        grid["tile_size"].add(int(tf.tile_size))
+        grid["target_mpp"].add(float(tf.target_mpp))
         records.append(SlideRecord(sid, pid, target, src.path, n, options))
     if len(widths) > 1:
         (d1, s1), (d2, s2) = list(widths.items())[:2]
@@ -159,7 +166,8 @@ def load_data(cfg: DataConfig) -> FinetuneData:
     if not records:
         raise ConfigError("data", f"no usable slide: none of the {len(rows)} labelled slides has tile embeddings")
     return FinetuneData(task, {r.slide_id: r for r in records}, next(iter(widths)),
-                        {k: sorted(v) for k, v in provenance.items()}, excluded)
+                        {k: sorted(v) for k, v in provenance.items()}, excluded,
+                        {k: sorted(v) for k, v in grid.items()})
 
 
 def load_slide(record: SlideRecord, max_tiles: int | None = None, rng: np.random.Generator | None = None

@@ -97,6 +97,7 @@ def run_heatmaps(embed_dir: str | Path, out: str | Path | None = None, *, model:
         names = ", ".join(f"fold_{f.fold}" for f in scorer.folds)  # as the folders and --fold name them
         console.print(f"heatmaps: {len(scorer.folds)} fold model(s) of {Path(model).resolve()} ({names}"
                       f"{', mean over folds' if len(scorer.folds) > 1 else ''})")
+        _check_trained_grid(Path(model), embed_dir, first.tile_size, first.target_mpp)
     else:
         from .scores import load_zeroshot_scorer
 
@@ -128,6 +129,28 @@ def run_heatmaps(embed_dir: str | Path, out: str | Path | None = None, *, model:
     try_write_run_report(out)  # OUT_HEATMAP/report.html: every slide's heatmap on one page
     console.print(f"{len(ids) - failed} ok, {failed} failed -> {out}")
     return index
+
+
+def _check_trained_grid(model: Path, embed_dir: Path, tile_size: int, target_mpp: float) -> str | None:
+    """Warn when the model was trained on another tile grid than the run's (tile size or mpp); return the warning.
+
+    The grid the model was trained on comes from :func:`.trained_grid.trained_grid`; unknown -> no warning
+    (logged at debug level)."""
+    from .trained_grid import grid_mismatch, trained_grid
+
+    found = trained_grid(model)
+    if found is None:
+        log.debug("heatmap: %s records no tile grid and its training embeddings are gone: tile size not checked", model)
+        return None
+    mismatch = grid_mismatch(found[0], tile_size, target_mpp, str(embed_dir))
+    if mismatch is None:
+        return None
+    msg = (f"heatmap: the model {model} was {mismatch}: it sees other tiles than it learned from, so its "
+           f"attention and scores may mean nothing here; embed the slides on the model's grid "
+           f"(tiler.params.tile_size, target_mpp) or train on this run's embeddings (trained grid read from "
+           f"{found[1]})")
+    log.warning("%s", msg)
+    return msg
 
 
 def _weights_note(slide_dir: Path) -> str:

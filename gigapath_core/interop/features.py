@@ -7,6 +7,11 @@ The rule for a tiled format: tile ``i`` is one grid cell, ``round(position / pit
 tile step in the unit of the file's ``coords`` (TRIDENT ``patch_size_level0``; CLAM ``patch_size`` x
 ``downsample``; STAMP ``tile_size_um``; else ``tile_size * target_mpp / level0_mpp`` level-0 px). A TRIDENT file
 of a 0.2271 µm/px slide (tiled at its rounded "40x", step 512) thus still gives neighbouring cells.
+
+The cell side (``tile_size``, px at ``target_mpp``) is the one the file records, as each tool writes it
+(:func:`file_grid`); ``grid_coords = cell * tile_size``. A file's record wins over the caller's ``tile_size``,
+which only fills in for files that record none (CLAM feature files, official prov-gigapath files, our version 1),
+so every ``gigapath export`` reads back with the grid the run wrote (128-px tiles stay 128 px apart).
 """
 
 from __future__ import annotations
@@ -96,8 +101,10 @@ def read_tile_features(path: str | Path, *, level0_mpp: float | None = None, coo
         level0_mpp: µm/px of the slide's level 0, for files that do not record it (CLAM, STAMP).
         coords_unit: what the file's ``coords`` are in, ``level0_px`` | ``grid_px`` | ``um`` (default: from
             the format: TRIDENT/CLAM level-0 px, STAMP µm, prov-gigapath grid px).
-        tile_size: grid cell side in px at ``target_mpp`` (default: the file's, else 256).
-        target_mpp: µm/px of the grid (0.5, the Prov-GigaPath slide encoder's).
+        tile_size: grid cell side in px at ``target_mpp`` for files that record none (default 256); a file's own
+            record wins (:func:`file_grid`: ours, TRIDENT ``patch_size``, STAMP ``tile_size_um``).
+        target_mpp: µm/px of the grid (0.5, the Prov-GigaPath slide encoder's), unless the file records the grid
+            it was written on (ours: ``grid_coords``/``coords`` attribute ``target_mpp``).
         fmt: ``auto`` or one of :data:`gigapath_core.interop.formats.FORMATS`.
         key_prefix: prefix of the config keys named in errors (``data.`` -> ``data.level0_mpp``).
         keys: config key per option where it is not ``key_prefix + name`` (the embed job: ``{"level0_mpp":
@@ -177,6 +184,74 @@ def _check_finite(path: Path, features: np.ndarray, attrs: dict | None = None) -
                                    f"(weights {attrs.get('weights_source', '?')}); delete {path.name} to recompute it")
 
 
+def _num(v) -> float | None:
+    """A positive finite attribute value as float, else None (TRIDENT stores missing values as 'None')."""
+    try:
+        x = float(np.ravel(v)[0]) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+    return x if x is not None and np.isfinite(x) and x > 0 else None
+
+
+def _stamp_side_um(root: dict) -> float | None:
+    """STAMP's tile side in µm: root ``tile_size_um`` (KatherLab/STAMP src/stamp/preprocessing/__init__.py
+    ``extract_``), or ``tile_size`` in files whose ``unit`` is "um" (STAMP before v2.1.0)."""
+    return _num(root.get("tile_size_um")) or (_num(root.get("tile_size")) if root.get("unit") == "um" else None)
+
+
+def file_grid(fmt: str, root: dict, cattrs: dict, tile_size: int | None, target_mpp: float,
+              path: str = "") -> tuple[int, float]:
+    """(tile_size, target_mpp) of the grid a foreign-layout file was written on, from its own attributes.
+
+    - ``target_mpp``: the ``target_mpp`` attribute on ``coords`` (ours: every ``gigapath export`` writes it),
+      else the caller's.
+    - ``tile_size``: ours, the ``tile_size`` attribute on ``coords`` (CLAM and prov-gigapath exports); else the
+      tile side in µm over ``target_mpp``, the side taken from
+      TRIDENT ``coords.attrs['patch_size']`` px at ``10 / target_magnification`` µm/px (mahmoodlab/TRIDENT
+      ``trident/IO.py`` ``coords_to_h5``; at the ``target_mpp`` attribute when we wrote the file; only beside
+      ``target_magnification``: our CLAM export, detected as TRIDENT by its ``patch_size_level0``, holds CLAM's
+      ``patch_size``),
+      STAMP root ``tile_size_um`` (KatherLab/STAMP ``src/stamp/preprocessing/__init__.py`` ``extract_``; its
+      ``tile_size_px`` is the size the extractor was fed, not the grid),
+      or, in files we wrote, ``tile_size_level0`` x ``level0_mpp`` (CLAM exports before ``tile_size``; CLAM's own ``patch_size`` is the side read
+      at ``patch_level``, mahmoodlab/CLAM ``wsi_core/WholeSlideImage.py`` ``process_contour``, and carries no
+      µm: a CLAM file records no grid); else the caller's ``tile_size``, else 256.
+
+    A 20x, 256-px TRIDENT file and a 128-µm STAMP file thus give 256; a gigapath export of a run with 128-px
+    tiles gives 128 in every format. A side that is not a whole number of px at ``target_mpp`` is rounded.
+    """
+    recorded_target = _num(cattrs.get("target_mpp"))
+    target_mpp = recorded_target or float(target_mpp)
+    ours = _num(cattrs.get("tile_size")) if recorded_target else None
+    if ours:
+        return int(round(ours)), target_mpp
+    side_um, target_mag = None, _num(cattrs.get("target_magnification"))
+    if fmt == "trident" and _num(cattrs.get("patch_size")) and target_mag:  # CLAM's patch_size comes without it
+        side_um = _num(cattrs["patch_size"]) * (recorded_target or units.magnification_to_mpp(target_mag))
+    elif fmt == "stamp":
+        side_um = _stamp_side_um(root)
+    elif recorded_target and _num(cattrs.get("tile_size_level0")) and _num(cattrs.get("level0_mpp")):
+        side_um = _num(cattrs["tile_size_level0"]) * _num(cattrs["level0_mpp"])  # ours, e.g. an older CLAM export
+    if side_um is None:
+        return int(tile_size or units.TILE_SIZE), target_mpp
+    side = side_um / target_mpp
+    if abs(side - round(side)) > 0.01:
+        log.warning("%s: tiles of %.4g µm are %.3f px at %g µm/px; the grid takes %d-px cells", path, side_um, side,
+                    target_mpp, round(side))
+    return max(1, int(round(side))), target_mpp
+
+
+def _file_level0_mpp(fmt: str, root: dict, cattrs: dict) -> float | None:
+    """Level-0 µm/px a foreign-layout file records: ours (``level0_mpp`` on ``coords``, or at the root of the
+    STAMP and prov-gigapath exports), else TRIDENT's ``10 / level0_magnification``; None when it records none."""
+    exact = _num(cattrs.get("level0_mpp")) or _num(root.get("level0_mpp"))
+    if exact:
+        return exact
+    if fmt == "trident" and _num(cattrs.get("level0_magnification")):
+        return units.magnification_to_mpp(_num(cattrs["level0_magnification"]))
+    return None
+
+
 def _pitch_level0(path: Path, fmt: str, cattrs: dict, level0_mpp: float | None, tile_size: int,
                   target_mpp: float, key) -> float:
     """Tile step in level-0 px: from the file's attributes, else from ``level0_mpp``."""
@@ -244,14 +319,14 @@ def _assemble(path: Path, fmt: str, features: np.ndarray, data: dict, root: dict
         if "coords_level0" in data:
             coords = np.asarray(data["coords_level0"], dtype=np.int64).reshape(-1, 2)
     else:
-        tile_size = int(tile_size or units.TILE_SIZE)
+        tile_size, target_mpp = file_grid(fmt, root, cattrs, tile_size, target_mpp, str(path))
+        if level0_mpp is None:
+            level0_mpp = _file_level0_mpp(fmt, root, cattrs)
         unit = coords_unit or {"stamp": "um", "prov-gigapath": "grid_px"}.get(fmt, "level0_px")
         if fmt == "prov-gigapath" and coords_unit is None and not cattrs:
             log.warning("%s: coords carry no unit; read as grid px at %g µm/px (the official prov-gigapath layout). "
                         "If they are level-0 px, set %s: level0_px and %s", path, target_mpp, key("coords_unit"),
                         key("level0_mpp"))
-        if fmt == "trident" and level0_mpp is None and cattrs.get("level0_magnification"):
-            level0_mpp = units.magnification_to_mpp(float(cattrs["level0_magnification"]))
         pos = raw.astype(np.float64)
         if unit == "grid_px":
             grid = raw
@@ -260,7 +335,7 @@ def _assemble(path: Path, fmt: str, features: np.ndarray, data: dict, root: dict
         elif unit == "um":
             if fmt == "stamp" and root.get("unit", "um") != "um":
                 raise _need(path, f"coords unit is {root.get('unit')!r} (STAMP files record 'um')", "coords_unit", key)
-            side_um = root.get("tile_size_um") or (root.get("tile_size") if root.get("unit") == "um" else None)
+            side_um = _stamp_side_um(root)
             if not side_um and fmt == "stamp" and coords_unit is None:
                 raise _need(path, "no root attribute 'tile_size_um' (a historic STAMP file): the unit of its coords "
                                   "is unknown (coords_unit: um takes tiles of tile_size px at 0.5 µm/px)",

@@ -40,12 +40,15 @@ def detect_format(path: Path, names: set[str], root: dict[str, Any], coords_attr
 
     Our files are recognised by ``grid_coords`` / ``coords_level0``, our provenance attributes or the name
     ``tile_embeddings.h5`` (not by ``format_version`` alone: files exported in another tool's layout carry it
-    too); TRIDENT by its ``coords`` attributes or a ``features_*`` folder; CLAM by
+    too); files of ``gigapath export`` by their root ``export_format`` (a prov-gigapath export also carries our
+    ``tile_encoder``; a CLAM export TRIDENT's ``patch_size_level0``); TRIDENT by its ``coords`` attributes or a ``features_*`` folder; CLAM by
     ``patch_level`` or an ``h5_files`` folder; STAMP by ``feats``; anything else with ``features`` and
     ``coords`` is read as the official prov-gigapath layout (grid px, checked).
     """
     if "coords_level0" in names or "grid_coords" in names:
         return "gigapath"
+    if root.get("export_format") in FORMATS:  # written by ``gigapath export`` (gigapath_core/export/_write.py)
+        return str(root["export_format"])
     if "feats" in names:
         return "stamp"
     if any(k in coords_attrs for k in TRIDENT_KEYS):
