@@ -356,7 +356,8 @@ def load_pipeline_config(raw: dict, base: Path, out: str | None = None) -> tuple
 
 def _stride_problems(cfg: PipelineConfig) -> list[ConfigError]:
     """A tiler ``stride`` other than its ``tile_size`` (overlapping or spaced tiles) with a slide encoder: the
-    slide encoders take positions on a grid of ``tile_size`` cells (LongNet's 2-D sin-cos grid, SPEC §3), where
+    slide encoders take positions on a grid of ``tile_size`` cells (LongNet's 2-D sin-cos grid, Xu et al. 2024,
+    Methods: slide encoder (LongNet)), where
     overlapping tiles have no cell of their own; snapping them would put two tiles in one cell. Refused."""
     from .api import validate_params
 

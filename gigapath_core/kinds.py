@@ -6,7 +6,7 @@ parameters against ``Params`` and calls ``cls.from_params(params)``.
 
 Units (see :mod:`gigapath_core.units`): *level-0 px* are pixels of the slide's full-resolution level;
 *grid px* are pixels at the target resolution (0.5 µm/px by default), where tile ``(col, row)`` sits at
-``(col * tile_size, row * tile_size)``. The slide encoder takes grid px (SPEC §1).
+``(col * tile_size, row * tile_size)``. The slide encoder takes grid px (Xu et al. 2024, Methods: Preprocessing WSIs).
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class TileGrid:
 
 
 class Tiler(Plugin, abc.ABC):
-    """Finds tissue and lays the tile grid (SPEC §1)."""
+    """Finds tissue and lays the tile grid (Xu et al. 2024, Methods: Preprocessing WSIs)."""
 
     kind: ClassVar[str] = "tiler"
 
@@ -335,7 +335,8 @@ class SlideEncoder(Plugin, nn.Module, abc.ABC):
 
 
 class TaskHead(Plugin, nn.Module, abc.ABC):
-    """Slide-level prediction from tile tokens and/or a slide embedding (SPEC §4)."""
+    """Slide-level prediction from tile tokens and/or a slide embedding (Xu et al. 2024, Methods: mutation prediction,
+    cancer subtyping)."""
 
     kind: ClassVar[str] = "task_head"
 
@@ -362,7 +363,8 @@ class TaskHead(Plugin, nn.Module, abc.ABC):
 
 
 class SSLObjective(Plugin, nn.Module, abc.ABC):
-    """A self-supervised or contrastive training objective: model parts + loss (SPEC §2, §3, §5).
+    """A self-supervised or contrastive training objective: model parts + loss (Xu et al. 2024, Methods: tile encoder;
+    slide encoder (LongNet); slide-level vision-language alignment).
 
     Training protocol (see :mod:`gigapath_core.pretrain`): the job reads raw samples of the kind named by
     ``data`` (``"tiles"``: (H, W, 3) uint8 RGB tiles; ``"slides"``: dicts with ``features`` (N, D) float32 and
@@ -395,7 +397,8 @@ class SSLObjective(Plugin, nn.Module, abc.ABC):
 
 
 class TextEncoder(Plugin, nn.Module, abc.ABC):
-    """Text tower for slide-report alignment (SPEC §5). ``embed_dim`` is its output width."""
+    """Text tower for slide-report alignment (Xu et al. 2024, Methods: slide-level vision-language alignment).
+    ``embed_dim`` is its output width."""
 
     kind: ClassVar[str] = "text_encoder"
     embed_dim: int
@@ -409,7 +412,8 @@ class TextEncoder(Plugin, nn.Module, abc.ABC):
 
 
 class ReportCleaner(Plugin, abc.ABC):
-    """Removes identifying and non-diagnostic text from a pathology report before CLIP (SPEC §5)."""
+    """Removes identifying and non-diagnostic text from a pathology report before CLIP (Xu et al. 2024, Methods:
+    slide-level vision-language alignment)."""
 
     kind: ClassVar[str] = "report_cleaner"
 

@@ -3,7 +3,8 @@
 - *level-0 px*: pixels of the slide's full-resolution level, as stored in the file.
 - *grid px*: pixels at the target resolution (default 0.5 µm/px, "20×"). Tile (col, row) of the grid has
   its top-left corner at grid px (col * tile_size, row * tile_size). The Prov-GigaPath slide encoder maps a
-  coordinate to position cell (floor(x / 256), floor(y / 256)) (SPEC §1, §3), so it must receive grid px.
+  coordinate to position cell (floor(x / 256), floor(y / 256)) (Xu et al. 2024, Methods: Preprocessing WSIs; slide
+  encoder (LongNet)), so it must receive grid px.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def tiff_resolution_to_mpp(resolution: float, unit: int | str | None) -> float |
 
 def check_mpp(path: str, mpp: tuple[float, float] | None, *, mpp_range: tuple[float, float] = MPP_RANGE,
               target_mpp: float = TARGET_MPP, override: bool = False) -> tuple[float, float]:
-    """Validate a slide's level-0 mpp before tiling (issue #3 item 2; SPEC §1).
+    """Validate a slide's level-0 mpp before tiling (issue #3 item 2; Xu et al. 2024, Methods: Preprocessing WSIs).
 
     Args:
         path: the slide (named in the error).

@@ -1,4 +1,5 @@
-"""Zero-shot slide classification with class prompts (MI-Zero protocol; Lu et al., CVPR 2023; SPEC §5).
+"""Zero-shot slide classification with class prompts (MI-Zero protocol; Lu et al., CVPR 2023; Xu et al. 2024, Methods:
+slide-level vision-language alignment).
 
 A *prompt set* draws, for every class, one class name among its synonyms and a random subset of the
 templates (size uniform in 1..T, shared by all classes); a class's text embedding is the L2-normalised mean

@@ -22,7 +22,7 @@ def _cli(*args, env=None):
 def test_presets_json_are_model_cards():
     rows = {r["name"]: r for r in json.loads(_cli("presets", "--json").stdout)}
     card = rows["prov-gigapath"]
-    assert card["components"]["tile_encoder"]["embed_dim"] == 1536  # SPEC §2
+    assert card["components"]["tile_encoder"]["embed_dim"] == 1536  # Xu et al. 2024, Methods: tile encoder
     assert "Nature" in card["citation"] and card["licence"]
     assert rows["dinov2-vits14"]["components"]["tile_encoder"]["embed_dim"] == 384
 

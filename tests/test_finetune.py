@@ -293,7 +293,8 @@ def test_stain_example_end_to_end_reduced(tmp_path, shared_data):
 
 
 def test_longnet_drops_in_with_layerwise_decay(tmp_path):
-    """The LongNet plugin (parameter names encoder.layers.{i}.…, SPEC §3) fine-tuned under the ABMIL head."""
+    """The LongNet plugin (parameter names encoder.layers.{i}.…, Xu et al. 2024, Methods: slide encoder (LongNet))
+    fine-tuned under the ABMIL head."""
     from gigapath_core.finetune.config import load_finetune_config
     from gigapath_core.finetune.data import load_data
     from gigapath_core.finetune.model import layer_ids

@@ -1,5 +1,6 @@
 """LongNet slide encoder (``longnet`` plugin): checkpoint layout, numerical parity with the released reference
-implementation, and the public API (SPEC §3; ``../shared/data/reference/README.md``)."""
+implementation, and the public API (Xu et al. 2024, Methods: slide encoder (LongNet);
+``../shared/data/reference/README.md``)."""
 
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def test_state_dict_is_the_released_layout(shared_data):
 
 
 def _param_formula(E, depth, din=1536, ffn_ratio=4):
-    """Parameters of the architecture in SPEC §3, counted by hand: CLS, input Linear, per layer q/k/v/out
+    """Parameters of the architecture in Xu et al. 2024, Methods: slide encoder (LongNet), counted by hand: CLS, input
+    Linear, per layer q/k/v/out
     Linears + 4 LayerNorms of E (inner_attn_ln, two pre-norms) + FFN (fc1, fc2, LayerNorm of F), final LNs."""
     F = ffn_ratio * E
     layer = 4 * (E * E + E) + 2 * E + 2 * (2 * E) + (E * F + F) + (F * E + E) + 2 * F
@@ -90,7 +92,7 @@ def _param_formula(E, depth, din=1536, ffn_ratio=4):
 def test_parameter_counts():
     from gigapath_core.api import validate_params
 
-    assert _param_formula(768, 12) == 86_330_880  # SPEC §3, the released checkpoint
+    assert _param_formula(768, 12) == 86_330_880  # the released checkpoint (Xu et al. 2024)
     for E, depth in ((768, 12), (1024, 24), (1536, 12)):  # the presets; the larger ones are unreleased variants
         name = "prov-gigapath" if E == 768 else f"gigapath-slide-enc{depth}l{E}d"
         info, params, _ = validate_params("slide_encoder", name)
@@ -101,7 +103,7 @@ def test_parameter_counts():
 
 
 def test_default_segment_lengths_are_the_released_ones():
-    assert reference_segment_lengths() == [1024, 5792, 32768, 185363, 1048576]  # SPEC §3
+    assert reference_segment_lengths() == [1024, 5792, 32768, 185363, 1048576]  # Xu et al. 2024, Methods
     m = LongNetSlideEncoder(depth=1)
     assert m.segment_lengths == [1024, 5792, 32768, 185363, 1048576] and m.dilated_ratios == [1, 2, 4, 8, 16]
 

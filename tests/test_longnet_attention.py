@@ -1,4 +1,5 @@
-"""Dilated attention of the LongNet slide encoder against an independent, literal oracle (SPEC §3 and
+"""Dilated attention of the LongNet slide encoder against an independent, literal oracle (Xu et al. 2024, Methods:
+slide encoder (LongNet) and
 ``../shared/data/reference/README.md``): per segment, per head, per query, written with Python loops.
 
 The parity fixture only holds sequences shorter than the smallest segment (one segment per branch), so the
@@ -16,7 +17,7 @@ from gigapath_plugins.slide_encoders.longnet.kernels import attention_with_lse
 
 
 def oracle(q, k, v, segments, ratios, masked=False, detach_weights=True):
-    """q, k, v: (L, H, d) float64 -> (L, H, d), following SPEC §3 literally.
+    """q, k, v: (L, H, d) float64 -> (L, H, d), following Xu et al. 2024, Methods: slide encoder (LongNet) literally.
 
     Branch (s, r): segments of sl = min(s, L) positions, each zero-padded to a multiple of r; head h belongs to
     group g = h // ceil(H / r) and keeps segment positions g, g + r, ...; dense softmax attention among the kept

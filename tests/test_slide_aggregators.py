@@ -1,4 +1,5 @@
-"""Slide aggregators for ablations (``abmil_only``) and the slide-embedding stage (SPEC §3, §4)."""
+"""Slide aggregators for ablations (``abmil_only``) and the slide-embedding stage (Xu et al. 2024, Methods: slide
+encoder (LongNet); mutation prediction, cancer subtyping)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Slide MAE (ssl_objective ``mae_slide``): the paper's coordinate augmentations (grid crop 0.875, shift inside
-the 1,000-cell grid, horizontal flip p = 0.5; SPEC §3), masking, padding-invariance of the loss, and a
+the 1,000-cell grid, horizontal flip p = 0.5; Xu et al. 2024, Methods: slide encoder (LongNet)), masking,
+padding-invariance of the loss, and a
 short CPU run of the ``mae_slide`` job on real tile embeddings with a small LongNet: loss goes down,
 an interrupted run resumes to the identical state, and the exported encoder loads as LongNet weights."""
 

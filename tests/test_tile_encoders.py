@@ -19,11 +19,12 @@ from torchvision import transforms as T
 import gigapath_core as gp
 from gigapath_core.errors import ConfigError, WeightsError
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # SPEC §2
-# SPEC §2: timm vit_giant_patch14_dinov2 with these kwargs is the Prov-GigaPath tile encoder
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # Xu et al. 2024, Methods: tile encoder
+# Xu et al. 2024, Methods: tile encoder: timm vit_giant_patch14_dinov2 with these kwargs is the Prov-GigaPath tile
+# encoder
 SPEC_VITG = dict(img_size=224, patch_size=16, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=5.33334,
                  init_values=1e-5, num_classes=0)
-SPEC_VITG_PARAMS = 1_134_953_984  # SPEC §2
+SPEC_VITG_PARAMS = 1_134_953_984  # Xu et al. 2024, Methods: tile encoder
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def to_pil(tile):
 def vitg(tmp_path_factory):
     """The ``prov-gigapath`` preset loaded from a checkpoint saved by timm itself (the hub's key layout).
 
-    The reference is timm ``vit_giant_patch14_dinov2`` built with the SPEC kwargs, on the meta device and then
+    The reference is timm ``vit_giant_patch14_dinov2`` built with the paper's kwargs, on the meta device and then
     materialised with a distinct constant in every tensor (the point is the layout, and a swapped key would
     show), saved as ``pytorch_model.bin`` like the ``prov-gigapath/prov-gigapath`` hub file, and freed before
     the preset is built, so only one 4.5 GB copy is in RAM at a time.
@@ -101,7 +102,8 @@ class TestProvGigaPath:
             assert torch.equal(own[k], v), k
 
     def test_transform_is_torchvision_composition(self, vitg, real_tile):
-        """SPEC §2: Resize(256, bicubic) -> CenterCrop(224) -> ToTensor -> Normalize(ImageNet)."""
+        """Xu et al. 2024, Methods: tile encoder: Resize(256, bicubic) -> CenterCrop(224) -> ToTensor ->
+        Normalize(ImageNet)."""
         enc = vitg[0]
         ref = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
                          T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

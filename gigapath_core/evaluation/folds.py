@@ -1,4 +1,5 @@
-"""Patient-grouped, label-stratified k-fold splits (SPEC §4: k-fold cross-validation, one patient never on both
+"""Patient-grouped, label-stratified k-fold splits (Xu et al. 2024, Methods: mutation prediction, cancer subtyping:
+k-fold cross-validation, one patient never on both
 sides of a split), written to and read from a CSV so other runs (ablation variants) reuse the same folds.
 
 Splits file (long format, one row per slide and fold)::

@@ -1,4 +1,5 @@
-"""Slide-level classification metrics, all computed by scikit-learn (SPEC §4: AUROC, AUPRC, balanced accuracy;
+"""Slide-level classification metrics, all computed by scikit-learn (Xu et al. 2024, Methods: mutation prediction,
+cancer subtyping: AUROC, AUPRC, balanced accuracy;
 quadratic-weighted kappa for ordinal classes).
 
 Task types and the arrays they take:

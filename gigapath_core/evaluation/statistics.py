@@ -1,4 +1,5 @@
-"""Statistics over folds (SPEC §4): mean ± standard error of the mean, and the one-sided Wilcoxon signed-rank
+"""Statistics over folds (Xu et al. 2024, Methods: mutation prediction, cancer subtyping): mean ± standard error of
+the mean, and the one-sided Wilcoxon signed-rank
 test between two methods evaluated on the same folds (scipy)."""
 
 from __future__ import annotations

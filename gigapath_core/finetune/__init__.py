@@ -1,4 +1,5 @@
-"""Slide-level fine-tuning and evaluation (SPEC §4): the ``finetune`` and ``ablation`` jobs.
+"""Slide-level fine-tuning and evaluation (Xu et al. 2024, Methods: mutation prediction, cancer subtyping): the
+``finetune`` and ``ablation`` jobs.
 
 ``finetune``: labels CSV + tile embeddings of an embed run -> patient-grouped stratified k-fold training of an
 (optional) slide encoder and a task head with the shared Trainer -> predictions, metrics (mean ± s.e.m.),

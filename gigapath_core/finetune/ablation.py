@@ -1,4 +1,5 @@
-"""The ``ablation`` job: several finetune variants on the same folds, one side-by-side table (SPEC §4).
+"""The ``ablation`` job: several finetune variants on the same folds, one side-by-side table (Xu et al. 2024, Methods:
+mutation prediction, cancer subtyping).
 
 Config::
 

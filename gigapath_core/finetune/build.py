@@ -1,5 +1,6 @@
 """The fine-tuned model built from a finetune config and its data: slide encoder + task head with every width
-and the output count filled in, and the one forward pass that checks they fit together (SPEC §4).
+and the output count filled in, and the one forward pass that checks they fit together (Xu et al. 2024, Methods:
+mutation prediction, cancer subtyping).
 
 Used by the runner (each fold's model), by the pre-flight (:mod:`.preflight`: the same model with random
 weights, before anything is written) and by ``gigapath heatmap`` (the fold models rebuilt from checkpoints).

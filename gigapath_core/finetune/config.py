@@ -1,4 +1,5 @@
-"""The ``finetune`` job config (``job: finetune``), strictly validated with key-path errors (SPEC §4 defaults).
+"""The ``finetune`` job config (``job: finetune``), strictly validated with key-path errors (Xu et al. 2024, Methods:
+mutation prediction, cancer subtyping defaults).
 
 Relative paths are resolved against the config file's folder (``--out`` against the current directory).
 Defaults follow the paper's mutation-prediction setup: AdamW lr 2e-3, weight decay 0.01, batch 1 with gradient

@@ -1,4 +1,5 @@
-"""Fine-tuning data: the labels CSV joined with the tile embeddings of an embed run (SPEC §4).
+"""Fine-tuning data: the labels CSV joined with the tile embeddings of an embed run (Xu et al. 2024, Methods: mutation
+prediction, cancer subtyping).
 
 Labels CSV: columns ``slide_id``, ``patient_id`` and the label column(s). Tile embeddings: the ``embed`` job's
 ``OUT/<slide_id>/tile_embeddings.h5`` or another tool's feature files (TRIDENT, CLAM, STAMP, prov-gigapath; a

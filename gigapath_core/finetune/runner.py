@@ -1,4 +1,5 @@
-"""The ``finetune`` job: k-fold fine-tuning of (slide encoder +) task head on saved tile embeddings (SPEC §4).
+"""The ``finetune`` job: k-fold fine-tuning of (slide encoder +) task head on saved tile embeddings (Xu et al. 2024,
+Methods: mutation prediction, cancer subtyping).
 
 Output folder::
 

@@ -1,4 +1,5 @@
-"""Task types of slide-level fine-tuning: how labels become targets, which loss, which probabilities (SPEC §4).
+"""Task types of slide-level fine-tuning: how labels become targets, which loss, which probabilities (Xu et al. 2024,
+Methods: mutation prediction, cancer subtyping).
 
 - ``binary``: one label column with two values; one logit; BCE-with-logits; P(positive) = sigmoid.
   ``class_names = [negative, positive]``.

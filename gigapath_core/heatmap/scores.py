@@ -8,7 +8,8 @@ turned into a probability like the slide's (sigmoid for binary/multilabel, softm
 logit is the attention-weighted mean of the tile logits, so a tile with high attention and high score is what
 drives the slide's prediction (cf. CLAM's instance-level scores, mahmoodlab/CLAM models/model_clam.py).
 
-Zero-shot (SPEC §5, MI-Zero): each class gets the L2-normalised mean embedding of every template x synonym
+Zero-shot (Xu et al. 2024, Methods: slide-level vision-language alignment, MI-Zero): each class gets the L2-normalised
+mean embedding of every template x synonym
 prompt (gigapath_core/zeroshot.py); each tile token of the CLIP model's slide encoder is projected like the
 slide embedding and L2-normalised; the tile score is its cosine similarity to the class embedding (-1..1).
 """

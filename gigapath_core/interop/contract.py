@@ -4,7 +4,7 @@ In every h5 file gigapath writes:
 
 - ``coords``: (N, 2) int64 **level-0 px** of each tile's top-left corner, (x, y) columns;
 - ``grid_coords``: (N, 2) int64 px at ``target_mpp`` (0.5 µm/px), multiples of ``tile_size`` (256): the
-  positions the LongNet slide encoder takes (SPEC §1, §3);
+  positions the LongNet slide encoder takes (Xu et al. 2024, Methods: Preprocessing WSIs; slide encoder (LongNet));
 - root attribute ``format_version`` = 2. Version 1 (no ``format_version``) named the grid px ``coords`` and
   the level-0 px ``coords_level0`` in ``tile_embeddings.h5``; :func:`gigapath_core.interop.read_tile_features`
   converts it on read.

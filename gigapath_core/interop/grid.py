@@ -1,6 +1,7 @@
 """Snap tile positions to the slide encoder's grid and check that a grid is one.
 
-The LongNet slide encoder places tile ``i`` at cell ``grid_coords[i] // tile_size`` (SPEC §1, §3;
+The LongNet slide encoder places tile ``i`` at cell ``grid_coords[i] // tile_size`` (Xu et al. 2024, Methods:
+Preprocessing WSIs; slide encoder (LongNet);
 prov-gigapath ``gigapath/slide_encoder.py`` ``coords_to_pos``), so neighbouring tiles must be neighbouring cells.
 Level-0 px of a 0.25 µm/px (40x) slide passed as grid px put them two cells apart (cells 0, 2, 4...), the bug
 class of prov-gigapath #116/#67, STAMP #159, CLAM #289; :func:`check_grid` refuses such input.

@@ -1,5 +1,7 @@
-"""Pretraining and zero-shot jobs: ``dinov2`` (tile encoder, SPEC §2), ``mae_slide`` (slide encoder, SPEC §3),
-``clip`` (slide–report alignment, SPEC §5) and ``zeroshot`` (MI-Zero prompts, SPEC §5).
+"""Pretraining and zero-shot jobs: ``dinov2`` (tile encoder, Xu et al. 2024, Methods: tile encoder), ``mae_slide``
+(slide encoder, Xu et al. 2024, Methods: slide encoder (LongNet)),
+``clip`` (slide–report alignment, Xu et al. 2024, Methods: slide-level vision-language alignment) and ``zeroshot``
+(MI-Zero prompts, Xu et al. 2024, Methods: slide-level vision-language alignment).
 
 Each job builds an ``ssl_objective`` plugin, feeds it views of real data (tiles streamed by the tiler,
 ``tile_embeddings.h5`` of the embed job, slide–report pairs) through the shared

@@ -4,7 +4,8 @@ Outputs in the slide folder (see :mod:`gigapath_core.store`):
 
 - ``tiles.h5`` (format_version 2, ``docs/formats.md``): ``coords`` (N, 2) int64 level-0 px top-left corners
   (with the TRIDENT/CLAM attributes of :mod:`gigapath_core.interop.contract`), ``grid_coords`` (N, 2) int64 px
-  at ``target_mpp`` (multiples of ``tile_size``: what the slide encoder takes, SPEC §1), ``occupancy`` (N,)
+  at ``target_mpp`` (multiples of ``tile_size``: what the slide encoder takes, Xu et al. 2024, Methods: Preprocessing
+  WSIs), ``occupancy`` (N,)
   float32; attributes record the reader, source mpp (and whether it was an override), level, read size, the
   tiler's facts (Otsu threshold, tissue fraction, grid size).
 - ``thumbnail.png``: the mask thumbnail with the tissue outline (green), the annotation mask's region (orange)

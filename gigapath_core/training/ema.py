@@ -1,4 +1,4 @@
-"""Exponential moving average of weights (DINOv2 teacher, SPEC §2)."""
+"""Exponential moving average of weights (DINOv2 teacher, Xu et al. 2024, Methods: tile encoder)."""
 
 from __future__ import annotations
 

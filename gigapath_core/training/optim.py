@@ -1,4 +1,5 @@
-"""Optimiser, layer-wise learning-rate decay and the warm-up + cosine schedule (SPEC §4)."""
+"""Optimiser, layer-wise learning-rate decay and the warm-up + cosine schedule (Xu et al. 2024, Methods: mutation
+prediction, cancer subtyping)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """ABMIL-only slide aggregator: gated-attention pooling of tile embeddings (Ilse et al., ICML 2018).
 
-The "LongNet vs ABMIL-only" ablation of Prov-GigaPath (SPEC §4) replaces the LongNet slide encoder by this
+The "LongNet vs ABMIL-only" ablation of Prov-GigaPath (Xu et al. 2024, Methods: mutation prediction, cancer subtyping)
+replaces the LongNet slide encoder by this
 pooling over the frozen tile embeddings. For tile embeddings ``h_i`` (after the optional projection
 ``h_i = ReLU(W_p x_i + b_p)``), Ilse et al. Eq. 9:
 

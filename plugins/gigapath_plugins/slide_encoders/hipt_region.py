@@ -1,10 +1,12 @@
 """HIPT's ViT-4K region aggregator as a slide encoder: a ViT over 16x16 grids of 256-px tile embeddings.
 
 Chen et al., "Scaling Vision Transformers to Gigapixel Images via Hierarchical Self-Supervised Learning",
-CVPR 2022 (SPEC §6); code and weights: github.com/mahmoodlab/HIPT (``HIPT_4K/vision_transformer4k.py``,
+CVPR 2022 (Xu et al. 2024, Methods: competing methods); code and weights: github.com/mahmoodlab/HIPT
+(``HIPT_4K/vision_transformer4k.py``,
 ``HIPT_4K/Checkpoints/vit4k_xs_dino.pth``).
 
-A slide's tiles (grid px at 0.5 µm/px, 256-px cells; SPEC §1) are grouped into 4,096-px regions aligned on
+A slide's tiles (grid px at 0.5 µm/px, 256-px cells; Xu et al. 2024, Methods: Preprocessing WSIs) are grouped into
+4,096-px regions aligned on
 the grid origin. Each region is a 16x16 grid of 384-d ViT-256 CLS embeddings (the ``hipt`` tile encoder):
 ``phi`` (Linear 384->192, GELU) embeds each cell, a CLS token is prepended, the 224-px position table
 (1 + 14x14 rows) is resized to 16x16 as DINO does (:func:`~gigapath_plugins.tile_encoders.hipt.dino_pos_embed`),

@@ -1,4 +1,5 @@
-"""Slide–report contrastive alignment (Prov-GigaPath "vision–language alignment", SPEC §5; CLIP: Radford
+"""Slide–report contrastive alignment (Prov-GigaPath "vision–language alignment", Xu et al. 2024, Methods: slide-level
+vision-language alignment; CLIP: Radford
 et al., ICML 2021).
 
 Slide tower: a ``slide_encoder`` plugin (LongNet by default) + linear projection; text tower: a

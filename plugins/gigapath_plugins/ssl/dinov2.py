@@ -1,4 +1,5 @@
-"""DINOv2 self-supervised pretraining of a tile encoder (SPEC §2; Oquab et al., TMLR 2024, §4).
+"""DINOv2 self-supervised pretraining of a tile encoder (Xu et al. 2024, Methods: tile encoder; Oquab et al., TMLR
+2024, §4).
 
 Student and teacher are copies of a timm ViT taken from a ``tile_encoder`` plugin (``dinov2_vit`` by
 default; any preset of it, e.g. ``dinov2-vits14`` or ``prov-gigapath``) plus a DINO head (and optionally a

@@ -5,7 +5,7 @@ Definitions follow Oquab et al., "DINOv2: Learning Robust Visual Features withou
 §4 (DINO + iBOT + KoLeo), Caron et al., "Emerging Properties in Self-Supervised Vision Transformers"
 (ICCV 2021, DINO centering and sharpening), Zhou et al., "iBOT" (ICLR 2022) and Sablayrolles et al.,
 "Spreading vectors for similarity search" (ICLR 2019, KoLeo). The Prov-GigaPath tile encoder was pretrained
-with this recipe (SPEC §2).
+with this recipe (Xu et al. 2024, Methods: tile encoder).
 """
 
 from __future__ import annotations

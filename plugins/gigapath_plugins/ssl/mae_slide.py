@@ -1,4 +1,5 @@
-"""Masked autoencoding of tile embeddings with a slide encoder (Prov-GigaPath slide pretraining, SPEC §3).
+"""Masked autoencoding of tile embeddings with a slide encoder (Prov-GigaPath slide pretraining, Xu et al. 2024,
+Methods: slide encoder (LongNet)).
 
 The tile encoder is frozen: inputs are the ``features`` (N, Din) and ``coords`` (N, 2, grid px) of
 ``tile_embeddings.h5``. Each view is augmented (grid crop 0.875, horizontal flip p = 0.5, random shift
@@ -47,7 +48,8 @@ class LightDecoder(nn.Module):
 
 
 class SlideMAE(SSLObjective):
-    """Masked autoencoder over tile embeddings: slide encoder (LongNet) + light decoder (SPEC §3)."""
+    """Masked autoencoder over tile embeddings: slide encoder (LongNet) + light decoder (Xu et al. 2024, Methods:
+    slide encoder (LongNet))."""
 
     name = "mae_slide"
     data = "slides"

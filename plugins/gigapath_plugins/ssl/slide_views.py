@@ -1,4 +1,5 @@
-"""Slide-level data views: coordinate augmentations of the slide MAE (SPEC §3), tile subsampling, and
+"""Slide-level data views: coordinate augmentations of the slide MAE (Xu et al. 2024, Methods: slide encoder
+(LongNet)), tile subsampling, and
 padding slides of different lengths into one batch.
 
 Coordinates are grid px at 0.5 µm/px (tile top-left corners, multiples of ``tile_size``); cell
@@ -29,7 +30,7 @@ def augment_slide(
     tile_size: int = 256,
     n_cells: int = 1000,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The slide-MAE input augmentations (Prov-GigaPath, Methods; SPEC §3).
+    """The slide-MAE input augmentations (Prov-GigaPath, Methods; Xu et al. 2024, Methods: slide encoder (LongNet)).
 
     1. grid crop: a random window of ``ceil(crop_ratio * extent)`` cells per axis inside the slide's tile
        extent; tiles outside are dropped (kept all if the window would hold none);

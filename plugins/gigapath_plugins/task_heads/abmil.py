@@ -1,5 +1,6 @@
 """Gated-attention MIL head (ABMIL; Ilse, Tomczak & Welling, "Attention-based Deep Multiple Instance Learning",
-ICML 2018, eq. 9) over contextual tile embeddings, then a linear classifier (SPEC §4).
+ICML 2018, eq. 9) over contextual tile embeddings, then a linear classifier (Xu et al. 2024, Methods: mutation
+prediction, cancer subtyping).
 
 For tile embeddings ``h_1..h_N`` (the slide encoder's tile tokens)::
 

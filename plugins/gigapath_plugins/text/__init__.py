@@ -1,2 +1,2 @@
 """Text towers (text_encoder hook) and pathology report cleaning (report_cleaner hook) for slide–report
-alignment (SPEC §5)."""
+alignment (Xu et al. 2024, Methods: slide-level vision-language alignment)."""

@@ -1,4 +1,5 @@
-"""BERT-family text tower on transformers: PubMedBERT (the paper's text encoder, SPEC §5) or any BERT-like
+"""BERT-family text tower on transformers: PubMedBERT (the paper's text encoder, Xu et al. 2024, Methods: slide-level
+vision-language alignment) or any BERT-like
 model by hub name or local folder.
 
 Where the weights come from: ``model`` is a hub id, a local folder (``config.json``, ``vocab.txt`` /

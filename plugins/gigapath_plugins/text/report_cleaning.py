@@ -1,4 +1,5 @@
-"""Rule-based pathology report cleaning before slide–report alignment (SPEC §5).
+"""Rule-based pathology report cleaning before slide–report alignment (Xu et al. 2024, Methods: slide-level
+vision-language alignment).
 
 The paper cleaned its 17,383 reports with a large language model (4 in-context examples), removing hospital,
 clinician and patient names and non-diagnostic text. This plugin is the offline default: regular-expression

@@ -1,4 +1,5 @@
-"""CTransPath: a convolutional stem + Swin Transformer (tiny) tile encoder, 768-d (SPEC §6 baseline).
+"""CTransPath: a convolutional stem + Swin Transformer (tiny) tile encoder, 768-d (Xu et al. 2024, Methods: competing
+methods baseline).
 
 Wang et al., "Transformer-based unsupervised contrastive learning for histopathological image
 classification", Medical Image Analysis 81 (2022); code and weights: github.com/Xiyue-Wang/TransPath.

@@ -1,8 +1,10 @@
-"""DINOv2-style ViT tile encoders on timm: the Prov-GigaPath ViT-g/14 and any other timm ViT (SPEC §2).
+"""DINOv2-style ViT tile encoders on timm: the Prov-GigaPath ViT-g/14 and any other timm ViT (Xu et al. 2024, Methods:
+tile encoder).
 
 The ``prov-gigapath`` preset is timm ``vit_giant_patch14_dinov2`` built with ``img_size=224, patch_size=16,
 embed_dim=1536, depth=40, num_heads=24, mlp_ratio=5.33334, init_values=1e-5, num_classes=0``: 1,134,953,984
-parameters, output the 1,536-d CLS token. Input transform (SPEC §2): Resize(256, bicubic) -> CenterCrop(224)
+parameters, output the 1,536-d CLS token. Input transform (Xu et al. 2024, Methods: tile encoder): Resize(256,
+bicubic) -> CenterCrop(224)
 -> ToTensor -> Normalize(ImageNet mean/std).
 
 Embedding rule (``embedding``): ``cls`` (the final-norm CLS token, timm ``global_pool="token"``) or ``cls_mean``:

@@ -1,4 +1,5 @@
-"""HIPT's ViT-256: a DINO ViT-S/16 on 256x256 tiles, 384-d CLS embedding (SPEC §6 baseline).
+"""HIPT's ViT-256: a DINO ViT-S/16 on 256x256 tiles, 384-d CLS embedding (Xu et al. 2024, Methods: competing methods
+baseline).
 
 Chen et al., "Scaling Vision Transformers to Gigapixel Images via Hierarchical Self-Supervised Learning",
 CVPR 2022; code and weights: github.com/mahmoodlab/HIPT (``HIPT_4K/Checkpoints/vit256_small_dino.pth``).

@@ -1,7 +1,9 @@
-"""REMEDIS: a BiT ResNet-152x2 trunk (ResNet-v2, GroupNorm + weight standardisation), 4,096-d (SPEC §6).
+"""REMEDIS: a BiT ResNet-152x2 trunk (ResNet-v2, GroupNorm + weight standardisation), 4,096-d (Xu et al. 2024,
+Methods: competing methods).
 
 Azizi et al., "Robust and efficient medical imaging with self-supervision", Nature Biomedical Engineering 7
-(2023): BiT-M supervised pretraining on ImageNet-21k, then SimCLR on unlabelled pathology tiles (SPEC §6:
+(2023): BiT-M supervised pretraining on ImageNet-21k, then SimCLR on unlabelled pathology tiles (Xu et al. 2024,
+Methods: competing methods:
 50 M TCGA tiles). The architecture is timm ``resnetv2_152x2_bit`` without its classifier: global average
 pooling of the last stage gives 2 x 2,048 = 4,096-d (232,238,208 parameters).
 

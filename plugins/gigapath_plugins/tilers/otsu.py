@@ -1,4 +1,5 @@
-"""Otsu tissue segmentation + 256-px tile grid at 0.5 µm/px (SPEC §1; paper Methods "Preprocessing WSIs";
+"""Otsu tissue segmentation + 256-px tile grid at 0.5 µm/px (Xu et al. 2024, Methods: Preprocessing WSIs; paper
+Methods "Preprocessing WSIs";
 CLAM/HIPT practice).
 
 1. Mask thumbnail (``WSI.thumbnail``: bounded memory, never upsampled) with a long side of

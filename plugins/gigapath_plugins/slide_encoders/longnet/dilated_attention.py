@@ -1,4 +1,5 @@
-"""Dilated attention (LongNet, Ding et al. 2023) as used by the Prov-GigaPath slide encoder (SPEC §3).
+"""Dilated attention (LongNet, Ding et al. 2023) as used by the Prov-GigaPath slide encoder (Xu et al. 2024, Methods:
+slide encoder (LongNet)).
 
 For each branch k with segment length ``s_k`` and dilation ratio ``r_k``, on a sequence of L tokens:
 
@@ -282,7 +283,7 @@ def dilated_attention_qkv(qkv: torch.Tensor, segment_lengths: Sequence[int], dil
         results.append(_branch(q, k, v, lay, segment_padding, backend, scale))
 
     lse_dtype = results[0][0][3].dtype
-    with torch.no_grad():  # branch weights softmax_k(LSE_k): constants in backward (SPEC §3)
+    with torch.no_grad():  # branch weights softmax_k(LSE_k): constants in backward (Xu et al. 2024, Methods)
         dense = torch.full((len(lays), B, L, H), float("-inf"), dtype=lse_dtype, device=qkv.device)
         for i, (lay, pieces) in enumerate(zip(lays, results)):
             own = dense[i] if lay.padded_heads == H else torch.full(
@@ -315,7 +316,7 @@ class DilatedSelfAttention(nn.Module):
     """Self-attention block of a LongNet layer: q/k/v projections, dilated attention, sub-LN, output projection.
 
     Parameter names follow the released checkpoint (``k_proj``, ``v_proj``, ``q_proj``, ``out_proj``,
-    ``inner_attn_ln``; SPEC §3).
+    ``inner_attn_ln``; Xu et al. 2024, Methods: slide encoder (LongNet)).
 
     Args:
         embed_dim: E; num_heads: H (head width E / H).

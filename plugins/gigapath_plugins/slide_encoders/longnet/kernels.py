@@ -18,7 +18,7 @@ Backends (``backend=``):
   A fused kernel that fails at run time falls back to ``math`` once, with a warning.
 
 In every backend the LSE is returned detached: the reference treats the branch weights as constants in
-backward (SPEC §3).
+backward (Xu et al. 2024, Methods: slide encoder (LongNet)).
 """
 
 from __future__ import annotations

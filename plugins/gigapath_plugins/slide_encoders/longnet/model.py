@@ -1,4 +1,5 @@
-"""Prov-GigaPath slide encoder: a LongNet transformer over the tile embeddings of a whole slide (SPEC §3).
+"""Prov-GigaPath slide encoder: a LongNet transformer over the tile embeddings of a whole slide (Xu et al. 2024,
+Methods: slide encoder (LongNet)).
 
 Architecture of the released ``gigapath_slide_enc12l768d`` (Xu et al., Nature 2024, Methods "LongNet"):
 tile embedding (1,536) -> Linear -> E, plus a fixed 2-D sin-cos position of the tile's 256-px cell; a CLS
@@ -26,7 +27,7 @@ from .dilated_attention import DilatedSelfAttention, attention_flops
 from .kernels import BACKENDS
 from .position import coords_to_cells, position_embedding
 
-#: dilation ratios of the released model (SPEC §3)
+#: dilation ratios of the released model (Xu et al. 2024, Methods: slide encoder (LongNet))
 DEFAULT_DILATED_RATIOS = (1, 2, 4, 8, 16)
 #: FFN token chunk used in inference (exact: the FFN is token-wise) to bound transient memory
 FFN_CHUNK_TOKENS = 16384
@@ -35,7 +36,7 @@ FFN_CHUNK_TOKENS = 16384
 def reference_segment_lengths(max_wsi_size: int = 262144, tile_size: int = 256, n: int = 5) -> list[int]:
     """Segment lengths of the released model: ``n`` values log-spaced from 1,024 to (max_wsi_size/tile_size)^2.
 
-    With the defaults: [1024, 5792, 32768, 185363, 1048576] (SPEC §3).
+    With the defaults: [1024, 5792, 32768, 185363, 1048576] (Xu et al. 2024, Methods: slide encoder (LongNet)).
     """
     max_seq_len = (max_wsi_size // tile_size) ** 2
     exps = np.linspace(np.log2(1024), int(np.log2(max_seq_len)), n)
@@ -323,12 +324,14 @@ class LongNetSlideEncoder(SlideEncoder):
         Args:
             tile_embeds: (B, N, Din) tile embeddings, float; the order matters (the reference does not sort:
                 pass tiles in the tiler's row-major order, as stored in ``tile_embeddings.h5``).
-            coords: (B, N, 2) grid px (x, y) at 0.5 µm/px of each tile's top-left corner (SPEC §1); cell
+            coords: (B, N, 2) grid px (x, y) at 0.5 µm/px of each tile's top-left corner (Xu et al. 2024, Methods:
+            Preprocessing WSIs); cell
                 ``(floor(x/256), floor(y/256))`` must lie in the 1000 x 1000 grid.
             padding_mask: (B, N) bool, True at padding (batched slides of different N). Each slide is then
                 encoded exactly as it would be alone (its valid tiles, in order); padding never acts as a key.
             return_tile_tokens: also return contextual tile embeddings (B, N, E): ``norm`` of the final encoder
-                output for each tile (zeros at padding), the inputs of ABMIL heads (SPEC §4).
+                output for each tile (zeros at padding), the inputs of ABMIL heads (Xu et al. 2024, Methods: mutation
+                prediction, cancer subtyping).
             all_layer_embed: override of the constructor's: return (depth + 1, B, E), the input embedding and
                 every layer output, each pooled and passed through ``norm`` (not the final encoder LayerNorm).
             global_pool: override of the constructor's: mean of tile tokens then ``norm``, instead of the CLS.

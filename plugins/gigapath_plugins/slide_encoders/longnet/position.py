@@ -1,7 +1,8 @@
 """Fixed 2-D sin-cos position embedding of the Prov-GigaPath slide encoder, computed only for the cells present.
 
 The released model adds to each tile embedding row ``floor(x/256) * 1000 + floor(y/256) + 1`` of a fixed
-1,000,001 x D sin-cos table (row 0, all zeros, is the CLS position) (SPEC §3). Row ``i * 1000 + j + 1`` is
+1,000,001 x D sin-cos table (row 0, all zeros, is the CLS position) (Xu et al. 2024, Methods: slide encoder
+(LongNet)). Row ``i * 1000 + j + 1`` is
 ``concat(sincos_{D/2}(j), sincos_{D/2}(i))`` with ``sincos_m(p) = concat(sin(p * w), cos(p * w))`` and
 ``w_k = 10000 ** (-k / (m/2))``, ``k = 0 .. m/2 - 1`` (MAE's 2-D sin-cos embedding). Here ``i`` is the
 column cell ``floor(x / tile_size)`` and ``j`` the row cell ``floor(y / tile_size)``.
@@ -43,7 +44,7 @@ def coords_to_cells(coords: torch.Tensor, tile_size: int = 256, ngrids: int = 10
     """Grid px (x, y) -> position cells (col, row) = (floor(x / tile_size), floor(y / tile_size)).
 
     Args:
-        coords: (B, N, 2) float or int grid px at 0.5 µm/px (SPEC §1).
+        coords: (B, N, 2) float or int grid px at 0.5 µm/px (Xu et al. 2024, Methods: Preprocessing WSIs).
         padding_mask: (B, N) bool, True where the position is padding (not checked, cell 0 returned).
     Returns:
         (B, N, 2) int64 cells, each in ``[0, ngrids)``.
